@@ -1,0 +1,245 @@
+"""The running application: configuration, plugin chain, store, event loop, reload.
+
+A ``Runtime`` is one configuration made ready (plugins loaded, step configs
+validated, steps started). ``App`` holds the current runtime and swaps it on
+reload; a transaction keeps the runtime it started with until it ends, and a
+replaced runtime is shut down once its last transaction has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .chain import Chain, Outcome, build_steps, tempfail_outcome
+from .config import ConfigError, LoadedConfig, load_config
+from .logsetup import escape
+from .model import Transaction
+from .plugins import Hooks, PluginError, PluginInfo, load_plugins, make_plugin_manager, pending_awaitables
+from .store import Store, StoreUnavailable, open_store
+
+log = logging.getLogger(__name__)
+summary_log = logging.getLogger("mjfilter.txn")
+
+
+@dataclass(slots=True)
+class Runtime:
+    loaded: LoadedConfig
+    hooks: Hooks
+    plugins: dict[str, PluginInfo]
+    chain: Chain
+    generation: int = 0
+    active: int = 0
+    retired: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def config(self) -> Any:
+        return self.loaded.config
+
+
+def prepare(loaded: LoadedConfig) -> Runtime:
+    """Load the plugins the chain names and validate every step; raise ``ConfigError``."""
+    pm = make_plugin_manager()
+    names = [s.use for s in loaded.config.chain]
+    try:
+        infos = load_plugins(pm, names)
+    except PluginError as e:
+        # point at the first step that uses the failing plugin
+        idx = next((i for i, s in enumerate(loaded.config.chain) if f"{s.use!r}" in str(e)), None)
+        where = ("chain", idx, "use") if idx is not None else ("chain",)
+        raise ConfigError([loaded.locate(where, str(e))]) from None
+    hooks = Hooks(pm)
+    steps = build_steps(loaded, hooks)
+    return Runtime(loaded, hooks, infos, Chain(steps, hooks))
+
+
+class App:
+    """What plugins get as ``app``: ``config``, ``store``, ``state_dir``, ``secret()``."""
+
+    def __init__(self, loaded: LoadedConfig, store: Store | None = None) -> None:
+        self.config_path = loaded.path
+        self._runtime = prepare(loaded)
+        self._runtime_lock = threading.Lock()
+        self.state_dir: Path = loaded.config.state_dir
+        self._store = store
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._started = False
+
+    # -- what plugins use -----------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The current core configuration (``mjfilter.config.Config``)."""
+        return self._runtime.config
+
+    @property
+    def store(self) -> Store:
+        """The state store, opened on first use."""
+        if self._store is None:
+            cfg = self._runtime.config
+            self._store = open_store(cfg.store_url, cfg.store.timeout, base=self.config_path.resolve().parent)
+        return self._store
+
+    def secret(self, name: str, nbytes: int = 32) -> str:
+        """A secret made on first use and kept in the state directory (mode 0600)."""
+        path = self.state_dir / f"{name}.key"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_hex(nbytes)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value + "\n")
+        return value
+
+    # -- lifecycle -------------------------------------------------------------
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def start(self) -> None:
+        """Start the event loop thread and every step (``mjfilter_startup``)."""
+        if self._started:
+            return
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="mjfilter-loop", daemon=True)
+        self._loop_thread.start()
+        self._startup(self._runtime)
+        self._started = True
+
+    def _startup(self, rt: Runtime) -> None:
+        for step in rt.chain.steps:
+            pending = pending_awaitables(rt.hooks.startup(step.plugin, self, step.config, step.name))
+            if pending:
+                self.resolve(pending)
+
+    def _shutdown(self, rt: Runtime) -> None:
+        for step in rt.chain.steps:
+            try:
+                pending = pending_awaitables(rt.hooks.shutdown(step.plugin, self, step.config, step.name))
+                if pending:
+                    self.resolve(pending)
+            except Exception:
+                log.exception("step %s: mjfilter_shutdown failed", step.name)
+
+    def reload(self) -> str:
+        """Re-read the configuration file; on any error keep the running chain and raise."""
+        loaded = load_config(self.config_path)
+        new = prepare(loaded)
+        old_cfg = self._runtime.config
+        try:
+            self._startup(new)
+        except Exception as e:
+            self._shutdown(new)
+            raise ConfigError([loaded.locate(("chain",), f"a step failed to start: {type(e).__name__}: {e}")]) from e
+        with self._runtime_lock:
+            old = self._runtime
+            new.generation = old.generation + 1
+            self._runtime = new
+        warnings = []
+        for key in ("milter", "store", "state_dir", "control"):
+            if getattr(loaded.config, key) != getattr(old_cfg, key):
+                warnings.append(f"{key} changed: takes effect at the next restart")
+        with old.lock:
+            old.retired = True
+            idle = old.active == 0
+        if idle:
+            self._shutdown(old)
+        msg = f"reloaded {self.config_path}: {len(new.chain.steps)} steps ({', '.join(s.name for s in new.chain.steps)})"
+        for w in warnings:
+            log.warning("reload: %s", w)
+        return msg + "".join(f"; {w}" for w in warnings)
+
+    def close(self) -> None:
+        if self._started:
+            self._shutdown(self._runtime)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(timeout=5)
+            self._loop.close()
+            self._loop = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        self._started = False
+
+    # -- async bridge ------------------------------------------------------------
+    def resolve(self, awaitables: list[Any], timeout: float | None = None) -> list[Any]:
+        """Await ``awaitables`` on the app's event loop from a worker thread."""
+        if self._loop is None:
+            self.start()
+        assert self._loop is not None
+        if threading.current_thread() is self._loop_thread:
+            raise RuntimeError("App.resolve called from the event loop thread")
+
+        async def gather() -> list[Any]:
+            return [await a for a in awaitables]
+
+        fut = asyncio.run_coroutine_threadsafe(gather(), self._loop)
+        try:
+            return fut.result(timeout if timeout is not None else self._runtime.config.milter.chain_timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
+    # -- one transaction ----------------------------------------------------------------
+    def acquire(self) -> Runtime:
+        """The runtime a new transaction uses; pair with ``release``."""
+        with self._runtime_lock:
+            rt = self._runtime
+            with rt.lock:
+                rt.active += 1
+        return rt
+
+    def release(self, rt: Runtime) -> None:
+        with rt.lock:
+            rt.active -= 1
+            done = rt.retired and rt.active == 0
+        if done:
+            self._shutdown(rt)
+
+    def process(self, txn: Transaction, rt: Runtime) -> Outcome:
+        """Run the chain; any internal error becomes a 451 outcome (fail closed)."""
+        try:
+            return rt.chain.run(txn, self, self.resolve)
+        except StoreUnavailable as e:
+            log.error("store unavailable: %s", e)
+            return tempfail_outcome(f"store unavailable: {e}")
+        except Exception as e:
+            log.exception("internal error in the chain")
+            return tempfail_outcome(f"internal error: {type(e).__name__}: {e}")
+
+    def end(self, txn: Transaction, outcome: Outcome, rt: Runtime) -> None:
+        rt.chain.transaction_end(txn, outcome, self, self.resolve)
+
+    def summarize(self, txn: Transaction, outcome: Outcome, elapsed_ms: float, note: str = "") -> None:
+        """The one INFO line per transaction (no bodies, no credentials)."""
+        steps = " ".join(f"{t.step}={t.action.split(':', 1)[0]}({t.ms:.1f}ms)" for t in outcome.trace)
+        reply = f" reply={outcome.reply.code} {outcome.reply.status}" if outcome.reply else ""
+        summary_log.info(
+            "from=<%s> nrcpt=%d size=%d verdict=%s%s steps=[%s] time=%.1fms%s%s",
+            escape(txn.envelope.sender), len(txn.envelope.recipients), txn.message.body.size,
+            outcome.verdict, reply, steps, elapsed_ms,
+            f" route={escape(outcome.route.nexthop)}" if outcome.route else "",
+            f" {escape(note)}" if note else "",
+        )
+
+
+def open_app(path: str | os.PathLike[str]) -> App:
+    """Load the configuration at ``path`` and prepare an ``App`` (not started)."""
+    return App(load_config(path))
+
+
+def monotonic_ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
