@@ -1,0 +1,306 @@
+"""The ``mjfilter`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .config import ConfigError, config_path, load_config
+
+log = logging.getLogger("mjfilter")
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+DESCRIPTION = """\
+mjfilter runs a chain of plugins on every message an MTA (Postfix, Sendmail;
+Exim through an SMTP front end) receives, and understands the control headers
+applications already send to Mailjet, MailerQ, SMTPeter and Maxemail.
+"""
+
+EPILOG = """\
+configuration:
+  -c FILE, else $MJFILTER_CONFIG, else /etc/mjfilter/mjfilter.yaml.
+
+exit status:
+  0 success; 1 runtime failure (store, socket, daemon not answering);
+  2 usage or configuration error (printed as FILE:LINE:COL: reason).
+
+see also: docs/ in the source tree, `mjfilter COMMAND --help`.
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=88)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="configuration file (default: $MJFILTER_CONFIG or /etc/mjfilter/mjfilter.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mjfilter", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"mjfilter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the milter daemon in the foreground", formatter_class=_Formatter,
+                       description=textwrap.dedent("""\
+        Run the milter in the foreground until SIGTERM or SIGINT.
+
+        Listens where `milter.listen` says (default inet:127.0.0.1:8894), keeps state
+        in the store (default: SQLite in state_dir), and answers `mjfilter reload` on
+        its control socket. SIGHUP stops the daemon (libmilter's rule): use
+        `mjfilter reload` to re-read the configuration.
+        Logs go to standard error; one INFO line per message."""))
+    _add_config(p)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="override logging.level of the configuration")
+
+    p = sub.add_parser("check", help="run the chain on an .eml file, with no MTA", formatter_class=_Formatter,
+                       description=textwrap.dedent("""\
+        Run the configured chain on one message file with the given envelope, exactly
+        as the milter would, and print what would happen: the trace of every step,
+        the verdict, and the resulting message(s). Nothing is sent anywhere; steps
+        that keep state (dedup, suppression) do use the configured store.
+
+        --json prints one object: verdict (accept|reject|tempfail|discard|quarantine),
+        reply ({code, status, text} or null), route (next hop or null), deliveries
+        (list of {sender, recipients, message}), events, trace (list of {step, action,
+        ms}), directives (what the control headers asked), queue_id."""),
+                       epilog="example:\n  mjfilter check -c conf/mjfilter.yaml --sender app@example.com "
+                              "--rcpt bob@example.org message.eml --json")
+    _add_config(p)
+    p.add_argument("--sender", required=True, metavar="ADDR", help="envelope sender (MAIL FROM); '' for <>")
+    p.add_argument("--rcpt", required=True, action="append", metavar="ADDR",
+                   help="envelope recipient (RCPT TO); repeat for several")
+    p.add_argument("--auth", metavar="USER", help="SASL login of the client ({auth_authen})")
+    p.add_argument("--client-ip", metavar="IP", default="127.0.0.1", help="client address (default 127.0.0.1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.add_argument("file", metavar="FILE.eml", help="the message (RFC 5322); - reads standard input")
+
+    p = sub.add_parser("config", help="configuration tools", formatter_class=_Formatter,
+                       description="Configuration tools.")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    cp = csub.add_parser("check", help="validate the configuration without starting anything",
+                         formatter_class=_Formatter, description=textwrap.dedent("""\
+        Validate the configuration like `postfix check`: YAML syntax, duplicate keys,
+        unknown keys, wrong types, unknown or broken plugins, each step's own config.
+        Binds no socket and opens no store. Prints FILE:LINE:COL: reason per problem
+        and exits 2, or prints a one-line summary and exits 0."""))
+    _add_config(cp)
+
+    p = sub.add_parser("plugins", help="list plugins and the effective chain order", formatter_class=_Formatter,
+                       description=textwrap.dedent("""\
+        List every installed plugin (entry-point group mjfilter.plugins) with its
+        distribution and version, the hooks the configured ones implement, and the
+        effective chain order with each step's when: rule and on_error policy."""))
+    _add_config(p)
+
+    p = sub.add_parser("postfix-config", help="print the Postfix main.cf/master.cf lines this configuration needs",
+                       formatter_class=_Formatter, description=textwrap.dedent("""\
+        Print the main.cf parameters (smtpd_milters, milter_default_action = tempfail,
+        timeouts, macros) and the master.cf reinjection listener this configuration
+        needs. The test suite installs exactly this output into a real Postfix."""))
+    _add_config(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--main", action="store_true", help="print only the main.cf lines")
+    g.add_argument("--master", action="store_true", help="print only the master.cf lines")
+
+    p = sub.add_parser("reload", help="make the running daemon re-read its configuration", formatter_class=_Formatter,
+                       description=textwrap.dedent("""\
+        Ask the running daemon (through its control socket, control.socket or
+        STATE_DIR/control.sock) to re-read its configuration file. An invalid file is
+        refused with FILE:LINE:COL: reason and the running chain stays; a valid one
+        takes effect for the next message, without dropping connections. Changes of
+        milter, store, state_dir and control settings need a restart."""))
+    _add_config(p)
+
+    p = sub.add_parser("status", help="show what the running daemon is running", formatter_class=_Formatter,
+                       description="Print the running daemon's pid, configuration file and chain (JSON).")
+    _add_config(p)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    return load_config(config_path(args.config))
+
+
+def _config_error(e: ConfigError) -> int:
+    print(str(e), file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import App
+    from .control import ControlServer
+    from .frontends.milter import serve
+    from .logsetup import setup_logging
+    from .store import StoreUnavailable
+
+    try:
+        loaded = _load(args)
+        app = App(loaded)
+    except ConfigError as e:
+        return _config_error(e)
+    setup_logging(args.log_level or loaded.config.logging.level)
+    control = ControlServer(app, loaded.config.control_socket)
+    try:
+        app.store.ping()
+        app.start()
+        control.start()
+        log.info("mjfilter %s: configuration %s, store %s, control socket %s", __version__, loaded.path,
+                 loaded.config.store_url, loaded.config.control_socket)
+        serve(app, on_ready=lambda: log.info("ready"))
+    except StoreUnavailable as e:
+        log.error("store unavailable: %s", e)
+        return EXIT_FAIL
+    except Exception as e:
+        log.error("cannot run: %s: %s", type(e).__name__, e)
+        return EXIT_FAIL
+    finally:
+        control.stop()
+        app.close()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .app import App
+    from .frontends.replay import replay
+    from .logsetup import setup_logging
+
+    try:
+        app = App(_load(args))
+    except ConfigError as e:
+        return _config_error(e)
+    setup_logging("warning")
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    try:
+        app.start()
+        r = replay(app, data, args.sender, args.rcpt, auth_user=args.auth, client_ip=args.client_ip)
+    finally:
+        app.close()
+    if args.json:
+        print(json.dumps(r.outcome.as_dict(r.txn), indent=2, ensure_ascii=False))
+        return EXIT_OK
+    out = sys.stdout
+    out.write("trace:\n")
+    for t in r.outcome.trace:
+        out.write(f"  {t.step:<24} {t.ms:8.3f} ms  {t.action}\n")
+    for p in r.txn.directives.problems:
+        out.write(f"problem: {p.header}: {p.reason}\n")
+    reply = r.outcome.reply
+    out.write(f"verdict: {r.outcome.verdict}" + (f" ({reply.code} {reply.status} {reply.text})" if reply else "") + "\n")
+    if r.outcome.route:
+        out.write(f"route: {r.outcome.route.nexthop} ({r.outcome.route.reason or r.outcome.route.step})\n")
+    for e in r.outcome.events:
+        out.write(f"event: {json.dumps(e.as_dict())}\n")
+    for i, d in enumerate(r.outcome.all_deliveries(r.txn), 1):
+        out.write(f"\n--- delivery {i}: from <{d.sender}> to {', '.join('<%s>' % x for x in d.recipients)}\n")
+        out.write(d.message.as_bytes().decode("utf-8", "replace").replace("\r\n", "\n"))
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from .app import prepare
+
+    try:
+        loaded = _load(args)
+        rt = prepare(loaded)
+    except ConfigError as e:
+        return _config_error(e)
+    print(f"{loaded.path}: OK ({len(rt.chain.steps)} steps: {', '.join(s.name for s in rt.chain.steps) or 'none'})")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .app import prepare
+    from .plugins import _dist, available_plugins
+
+    try:
+        rt = prepare(_load(args))
+    except ConfigError as e:
+        return _config_error(e)
+    print("installed plugins (entry-point group mjfilter.plugins):")
+    for name, ep in sorted(available_plugins().items()):
+        dist, version = _dist(ep)
+        info = rt.plugins.get(name)
+        hooks = ", ".join(info.hooks) if info else "(not loaded: not in the chain)"
+        print(f"  {name:<16} {dist} {version:<10} {ep.value}")
+        print(f"  {'':<16} hooks: {hooks}")
+    print("\nchain (effective order):")
+    if not rt.chain.steps:
+        print("  (empty: every message is accepted unchanged)")
+    for i, s in enumerate(rt.chain.steps, 1):
+        when = f" when: {s.rule.describe}" if s.rule else ""
+        caps = ",".join(sorted(s.capabilities)) or "no edits"
+        print(f"  {i}. {s.name} (use: {s.plugin}; on_error: {s.on_error}; may: {caps}){when}")
+    return EXIT_OK
+
+
+def cmd_postfix_config(args: argparse.Namespace) -> int:
+    from .postfix import render
+
+    try:
+        loaded = _load(args)
+    except ConfigError as e:
+        return _config_error(e)
+    sys.stdout.write(render(loaded.config, main=not args.master, master=not args.main))
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace, command: str) -> int:
+    from .control import send_command
+
+    try:
+        loaded = _load(args)
+    except ConfigError as e:
+        return _config_error(e)
+    path = loaded.config.control_socket
+    try:
+        reply = send_command(path, command)
+    except OSError as e:
+        print(f"mjfilter: no daemon answers on {path}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAIL
+    if command == "status":
+        print(json.dumps(reply, indent=2))
+        return EXIT_OK if reply.get("ok") else EXIT_FAIL
+    if reply.get("ok"):
+        print(reply.get("message", "reloaded"))
+        return EXIT_OK
+    print(f"reload refused, the running configuration stays:\n{reply.get('error')}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "plugins": cmd_plugins,
+    "postfix-config": cmd_postfix_config,
+    "reload": lambda a: _control(a, "reload"),
+    "status": lambda a: _control(a, "status"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "config":
+        return cmd_config_check(args)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
