@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -151,6 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _config_error(e)
     setup_logging(args.log_level or loaded.config.logging.level)
+    # libmilter stops on SIGTERM/SIGINT/SIGHUP through sigwait() in a thread of its own.
+    # Block them before any thread starts so every thread inherits the mask: else the
+    # kernel may hand a signal to one of our threads and its default action kills us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     control = ControlServer(app, loaded.config.control_socket)
     try:
         app.store.ping()

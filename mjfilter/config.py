@@ -153,26 +153,39 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-_LISTEN = re.compile(r"^(?:inet:(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d+)|inet6:.+|(?:unix|local):(?P<path>/.+))$")
+_LISTEN = re.compile(
+    r"^(?:(?P<kind>inet6?):(?:(?P<port1>\d+)@(?P<host1>[^@]+)|(?P<host2>\[[^\]]+\]|[^:\[\]]+):(?P<port2>\d+))"
+    r"|(?:unix|local):(?P<path>/.+))$"
+)
 
 
 def parse_listen(spec: str) -> tuple[str, str | None, int | None, str | None]:
-    """``inet:host:port`` / ``unix:/path`` -> (kind, host, port, path)."""
+    """``inet:HOST:PORT`` (Postfix form), ``inet:PORT@HOST`` (Sendmail form), ``unix:/PATH``.
+
+    Returns (kind, host, port, path).
+    """
     m = _LISTEN.match(spec)
     if not m:
-        raise ValueError(f"{spec!r} is not inet:HOST:PORT or unix:/PATH")
+        raise ValueError(f"{spec!r} is not inet:HOST:PORT, inet:PORT@HOST or unix:/PATH")
     if m.group("path"):
         return ("unix", None, None, m.group("path"))
-    if spec.startswith("inet6:"):
-        host, _, port = spec[6:].rpartition(":")
-        return ("inet6", host.strip("[]"), int(port), None)
-    return ("inet", m.group("host").strip("[]"), int(m.group("port")), None)
+    host = (m.group("host1") or m.group("host2")).strip("[]")
+    port = int(m.group("port1") or m.group("port2"))
+    if not 0 < port < 65536:
+        raise ValueError(f"{spec!r}: port {port} is out of range")
+    return (m.group("kind"), host, port, None)
+
+
+def libmilter_address(spec: str) -> str:
+    """The form libmilter's smfi_setconn expects: ``inet:PORT@HOST`` or ``unix:/PATH``."""
+    kind, host, port, path = parse_listen(spec)
+    return f"unix:{path}" if kind == "unix" else f"{kind}:{port}@{host}"
 
 
 class MilterConfig(Strict):
     """The milter front end (Postfix ``smtpd_milters``, Sendmail ``INPUT_MAIL_FILTER``)."""
 
-    listen: str = Field("inet:127.0.0.1:8894", description="inet:HOST:PORT or unix:/PATH")
+    listen: str = Field("inet:127.0.0.1:8894", description="inet:HOST:PORT, inet:PORT@HOST or unix:/PATH")
     name: str = "mjfilter"
     timeout: int = Field(600, ge=1, description="seconds libmilter waits on the MTA")
     body_spool_bytes: int = Field(1 << 20, ge=0, description="bodies larger than this go to a temp file")

@@ -15,7 +15,7 @@ def milter_address(config: Config) -> str:
     kind, host, port, path = parse_listen(config.milter.listen)
     if kind == "unix":
         return f"unix:{path}"
-    return f"{kind}:{host}:{port}"
+    return f"{kind}:[{host}]:{port}" if kind == "inet6" else f"{kind}:{host}:{port}"
 
 
 def main_cf(config: Config) -> list[tuple[str, str]]:

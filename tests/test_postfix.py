@@ -128,9 +128,11 @@ def test_step_that_raises_gives_451_and_nothing_reaches_the_sink(w):
 
 def test_summary_log_line_carries_the_postfix_queue_id(w):
     sink, daemon, pf = w
-    assert smtp_send(pf.smtp_port, "app@shop.example", ["bob@example.org"], eml("plain.eml")).code == 250
+    mark = pf.log_mark()
+    data = eml("plain.eml").replace(b"<plain-1@", b"<queue-id-test@")
+    assert smtp_send(pf.smtp_port, "app@shop.example", ["bob@example.org"], data).code == 250
     sink.wait_for(1)
-    m = pf.wait_log(r"postfix/cleanup\[\d+\]: ([0-9A-F]+): message-id=<plain-1@shop.example>")
+    m = pf.wait_log(r"postfix/cleanup\[\d+\]: ([0-9A-F]+): message-id=<queue-id-test@shop.example>", since=mark)
     qid = m.group(1)
     deadline = time.monotonic() + 10
     while f"mjfilter.txn[{qid}]" not in daemon.log() and time.monotonic() < deadline:
@@ -204,9 +206,8 @@ def test_make_run_brings_up_a_milter_that_postfix_uses(tmp_path):
             [got] = sink.wait_for(1)
             assert b"x-mailjet" not in got.header_block.lower()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        rc = proc.wait(30)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        proc.wait(30)
         log.close()
     out = (tmp_path / "make-run.log").read_text()
-    assert "ready" in out and "stopped" in out, out
-    assert rc in (0, 2), out  # make reports the interrupted child; mjfilter itself logged a clean stop
+    assert "ready" in out and "INFO mjfilter[-]: stopped" in out and "Traceback" not in out, out

@@ -27,7 +27,7 @@ from ..actions import (AddHeader, AddRecipient, ChangeHeader, ChangeSender, Dele
                        ReplaceBody, TEMPFAIL_REPLY, Reply)
 from ..app import App, Runtime
 from ..chain import Outcome, tempfail_outcome
-from ..config import parse_listen
+from ..config import libmilter_address, parse_listen
 from ..logsetup import queue_id
 from ..model import Body, Connection, Envelope, Message, Transaction
 from ..sender import ReinjectError, reinject
@@ -313,7 +313,7 @@ def serve(app: App, on_ready: Callable[[], None] | None = None) -> None:
     milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
     milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
     milter.set_close_callback(_close)
-    milter.setconn(cfg.listen)
+    milter.setconn(libmilter_address(cfg.listen))
     milter.settimeout(cfg.timeout)
     milter.register(cfg.name, data=lambda ctx: ctx.getpriv().data(),
                     unknown=lambda ctx, cmd: Milter.CONTINUE, negotiate=negotiate)
