@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+from collections.abc import Callable
 
 from .model import Body, Message, Transaction
 
@@ -263,7 +264,7 @@ class Actions:
             numbers = [occurrence] if where else []
         else:
             numbers = list(range(1, len(where) + 1))
-        for number, index in sorted(zip(numbers, where), reverse=True):
+        for number, index in sorted(zip(numbers, where, strict=True), reverse=True):
             self._record(ChangeHeader(self.txn.message.headers[index][0], number, None))
             del self.txn.message.headers[index]
         return len(where)

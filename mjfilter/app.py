@@ -13,7 +13,6 @@ import logging
 import os
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +239,3 @@ def open_app(path: str | os.PathLike[str]) -> App:
     """Load the configuration at ``path`` and prepare an ``App`` (not started)."""
     return App(load_config(path))
 
-
-def monotonic_ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1e3

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pydantic import BaseModel, ValidationError
 
@@ -22,7 +23,7 @@ from .plugins import Hooks, pending_awaitables
 
 log = logging.getLogger(__name__)
 
-Resolver = Callable[[list[Any]], None]
+Resolver = Callable[..., Any]  # App.resolve: await a list of awaitables
 
 
 class StepFailed(Exception):

@@ -9,7 +9,8 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from . import __version__
 from .config import ConfigError, config_path, load_config
@@ -206,10 +207,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     out.write(f"verdict: {r.outcome.verdict}" + (f" ({reply.code} {reply.status} {reply.text})" if reply else "") + "\n")
     if r.outcome.route:
         out.write(f"route: {r.outcome.route.nexthop} ({r.outcome.route.reason or r.outcome.route.step})\n")
-    for e in r.outcome.events:
-        out.write(f"event: {json.dumps(e.as_dict())}\n")
+    for ev in r.outcome.events:
+        out.write(f"event: {json.dumps(ev.as_dict())}\n")
     for i, d in enumerate(r.outcome.all_deliveries(r.txn), 1):
-        out.write(f"\n--- delivery {i}: from <{d.sender}> to {', '.join('<%s>' % x for x in d.recipients)}\n")
+        out.write(f"\n--- delivery {i}: from <{d.sender}> to {', '.join(f'<{x}>' for x in d.recipients)}\n")
         out.write(d.message.as_bytes().decode("utf-8", "replace").replace("\r\n", "\n"))
     return EXIT_OK
 
@@ -228,7 +229,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from .app import prepare
-    from .plugins import _dist, available_plugins
+    from .plugins import distribution_of, available_plugins
 
     try:
         rt = prepare(_load(args))
@@ -236,7 +237,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return _config_error(e)
     print("installed plugins (entry-point group mjfilter.plugins):")
     for name, ep in sorted(available_plugins().items()):
-        dist, version = _dist(ep)
+        dist, version = distribution_of(ep)
         info = rt.plugins.get(name)
         hooks = ", ".join(info.hooks) if info else "(not loaded: not in the chain)"
         print(f"  {name:<16} {dist} {version:<10} {ep.value}")

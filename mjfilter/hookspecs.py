@@ -11,7 +11,8 @@ on its event loop (pluggy itself never awaits).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
 
 import pluggy
 

@@ -16,7 +16,8 @@ import hashlib
 import itertools
 import tempfile
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import IO, Any
+from collections.abc import Iterator
 
 from .directives import Directives
 
@@ -163,13 +164,13 @@ class Message:
             if not line:
                 continue
             if line[:1] in (b" ", b"\t") and headers:
-                name, value = headers[-1]
-                headers[-1] = (name, value + b"\n" + line)
+                prev_name, prev_value = headers[-1]
+                headers[-1] = (prev_name, prev_value + b"\n" + line)
                 continue
-            name, colon, value = line.partition(b":")
+            raw_name, colon, value = line.partition(b":")
             if not colon:
                 continue  # not a header line: an MTA would end the header here
-            headers.append((name.decode("ascii", "replace").strip(), value.lstrip(b" \t")))
+            headers.append((raw_name.decode("ascii", "replace").strip(), value.lstrip(b" \t")))
         if b"\r\n" not in body and b"\n" in body:
             body = body.replace(b"\n", b"\r\n")
         return cls(headers, Body(body, spool_bytes))

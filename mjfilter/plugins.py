@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib.metadata as md
 import inspect
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import pluggy
 
@@ -42,7 +43,7 @@ def available_plugins() -> dict[str, md.EntryPoint]:
     return {ep.name: ep for ep in md.entry_points(group=GROUP)}
 
 
-def _dist(ep: md.EntryPoint) -> tuple[str, str]:
+def distribution_of(ep: md.EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
     if dist is None:
         return ("unknown", "")
@@ -60,7 +61,7 @@ def load_plugins(pm: pluggy.PluginManager, names: Iterable[str]) -> dict[str, Pl
         if ep is None:
             known = ", ".join(sorted(eps)) or "none"
             raise PluginError(f"unknown plugin {name!r} (installed plugins: {known})")
-        dist, version = _dist(ep)
+        dist, version = distribution_of(ep)
         try:
             obj = ep.load()
         except Exception as e:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from fnmatch import translate
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 

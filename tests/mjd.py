@@ -62,14 +62,18 @@ class Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "mjfilter", "run", "-c", str(self.conf)],
                                      stdout=log, stderr=log, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout
-        while "ready" not in self.log():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mjfilter run exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mjfilter did not become ready:\n{self.log()}")
-            time.sleep(0.05)
-        wait_port("127.0.0.1", self.port, timeout=timeout)
+        try:
+            deadline = time.monotonic() + timeout
+            while "ready" not in self.log():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mjfilter run exited with {self.proc.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"mjfilter did not become ready:\n{self.log()}")
+                time.sleep(0.05)
+            wait_port("127.0.0.1", self.port, timeout=timeout)
+        except BaseException:
+            self.stop(timeout=5)  # never leave a daemon behind a failed start
+            raise
         return self
 
     def stop(self, timeout: float = 20.0) -> int | None:

@@ -61,7 +61,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Iterable, Sequence
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AioSMTP, Envelope, Session
@@ -561,6 +562,11 @@ class PostfixRig:
         )
         (self.conf_dir / "main.cf").write_text(main)
         (self.conf_dir / "master.cf").write_text(self.master_cf_text())
+        # Postfix re-reads a table file modified within the current second (0.3 s sleeps, ~2 s
+        # in all) to avoid reading it half-written: back-date our files so start is instant.
+        past = time.time() - 60
+        for name in ("main.cf", "master.cf"):
+            os.utime(self.conf_dir / name, (past, past))
         # Postfix refuses a data_directory not owned by mail_owner ("master.lock: Permission denied"),
         # and master opens master.lock by absolute path as mail_owner, so the path must be searchable.
         shutil.chown(self.data_dir, "postfix", "root")
@@ -629,44 +635,60 @@ class PostfixRig:
         )
 
     def _read_master_pid(self) -> int | None:
+        """The master PID from ``queue/pid/master.pid``, if that process is alive and of this instance."""
         try:
-            return int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
+            pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
+        return pid if self._is_ours(pid) else None
+
+    def _is_ours(self, pid: int) -> bool:
+        """Whether process ``pid`` runs with ``MAIL_CONFIG`` = this rig's conf dir (master and daemons do)."""
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return f"MAIL_CONFIG={self.conf_dir}".encode() in env
 
     def running(self) -> bool:
-        """Whether this instance's master runs (``postfix status``)."""
-        if not (self.conf_dir / "main.cf").exists():
-            return False
-        return self._run([self.postfix_cmd, "-c", str(self.conf_dir), "status"], check=False).returncode == 0
+        """Whether this instance's master process is alive."""
+        return self._read_master_pid() is not None
 
     def _processes(self) -> list[int]:
-        """PIDs of this instance: MAIL_CONFIG=our conf dir in the environment, or the master's process group."""
+        """PIDs of this instance: ``MAIL_CONFIG`` = our conf dir, or in the master's process group."""
         mine: list[int] = []
-        marker = f"MAIL_CONFIG={self.conf_dir}".encode()
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
             pid = int(entry)
             try:
-                if self._master_pid is not None and os.getpgid(pid) == self._master_pid:
-                    mine.append(pid)
-                    continue
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except (OSError, ProcessLookupError):
+                in_group = self._master_pid is not None and os.getpgid(pid) == self._master_pid
+            except OSError:
                 continue
-            if marker in env:
+            if in_group or self._is_ours(pid):
                 mine.append(pid)
         return mine
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop this instance and wait until none of its processes is left (SIGKILL them if needed)."""
-        if self._master_pid is None:
-            self._master_pid = self._read_master_pid()
-        if (self.conf_dir / "main.cf").exists() and self.running():
-            self._run([self.postfix_cmd, "-c", str(self.conf_dir), "stop"], timeout=timeout, check=False)
+        """Stop this instance; return once none of its processes is left.
+
+        Does what ``postfix stop`` does (SIGTERM to the master named in ``pid/master.pid``)
+        but polls for the exit instead of postfix-script's 1 s sleeps; if the master is
+        still there halfway through ``timeout`` it runs ``postfix -c DIR stop``, and at the
+        end SIGKILLs whatever of this instance is left. Never touches another instance.
+        """
+        self._master_pid = self._read_master_pid() or self._master_pid
+        if self._master_pid is not None:
+            try:
+                os.kill(self._master_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + timeout
+        fallback_at = time.monotonic() + timeout / 2
         while (pids := self._processes()) and time.monotonic() < deadline:
+            if fallback_at and time.monotonic() > fallback_at and self.running():
+                fallback_at = 0.0
+                self._run([self.postfix_cmd, "-c", str(self.conf_dir), "stop"], timeout=timeout, check=False)
             time.sleep(_POLL)
         for pid in pids:
             try:

@@ -36,15 +36,16 @@ CHAIN = [
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("pf")
     with Sink() as sink:
-        daemon = Daemon(base / "mj", CHAIN).start()
+        daemon = Daemon(base / "mj", CHAIN)
         main = postfix_main_cf(daemon.postfix_config("main"))
         main["disable_mime_output_conversion"] = "yes"  # compare 8-bit bodies byte for byte
         for k in ("milter_connect_timeout", "milter_command_timeout", "milter_content_timeout"):
             main.pop(k)  # keep the rig's short test timeouts
         pf = PostfixRig(base / "postfix", relay_port=sink.port, main_cf=main,
                         master_cf=daemon.postfix_config("master"))
-        pf.start()
         try:
+            daemon.start()
+            pf.start()
             yield sink, daemon, pf
         finally:
             pf.stop()

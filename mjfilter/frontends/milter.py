@@ -18,7 +18,8 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import Milter
 import milter
