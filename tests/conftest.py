@@ -11,6 +11,7 @@ import yaml
 
 from mjfilter.app import App
 from mjfilter.config import load_config
+from mjfilter.dialects import is_control_header
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
@@ -18,6 +19,24 @@ ROOT = Path(__file__).parent.parent
 
 def eml(name: str) -> bytes:
     return (DATA / name).read_bytes()
+
+
+def without_control_headers(header_block: bytes) -> bytes:
+    """A CRLF header block with every control header line (and its continuation lines) removed.
+
+    Written independently of the headers plugin: the expected result of stripping.
+    """
+    kept: list[bytes] = []
+    dropping = False
+    for line in header_block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = is_control_header(line.split(b":", 1)[0].decode())
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept)
 
 
 @pytest.fixture

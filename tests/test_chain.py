@@ -6,9 +6,8 @@ import re
 
 import pytest
 
-from conftest import eml
+from conftest import eml, without_control_headers
 from mjfilter.actions import ActionError, Actions, ChangeHeader, Reply
-from mjfilter.dialects import is_control_header
 from mjfilter.frontends.replay import make_transaction, replay
 
 HEADERS = [{"use": "headers"}]
@@ -24,19 +23,7 @@ def test_headers_step_strips_every_control_header_and_keeps_every_other_byte(mak
     assert r.outcome.verdict == "accept"
     [delivery] = r.outcome.all_deliveries(r.txn)
     out = delivery.message.as_bytes()
-    # expected: the input with every control header line (and its continuation lines) removed
-    lines = header_block(data).split(b"\r\n")
-    kept: list[bytes] = []
-    dropping = False
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = is_control_header(line.split(b":", 1)[0].decode())
-        if not dropping:
-            kept.append(line)
-    assert header_block(out) == b"\r\n".join(kept)
+    assert header_block(out) == without_control_headers(header_block(data))
     assert out.split(b"\r\n\r\n", 1)[1] == data.split(b"\r\n\r\n", 1)[1]  # body byte for byte
     for name in (b"x-mailjet", b"x-mj-", b"x-mq-", b"x-smtpeter", b"x-mxm", b"x-mjfilter"):
         assert name not in header_block(out).lower()

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, eml
+from conftest import ROOT, eml, without_control_headers
 from mjd import Daemon, postfix_main_cf
-from mjfilter.dialects import is_control_header
 from rig import PostfixRig, Sink, smtp_send, smtp_send_many, wait_port
 
 pytestmark = [
@@ -57,19 +56,6 @@ def w(world):
     sink, daemon, pf = world
     sink.clear()
     return world
-
-
-def without_control_headers(header_block: bytes) -> bytes:
-    kept, dropping = [], False
-    for line in header_block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = is_control_header(line.split(b":", 1)[0].decode())
-        if not dropping:
-            kept.append(line)
-    return b"\r\n".join(kept)
 
 
 def strip_received(header_block: bytes) -> bytes:
