@@ -7,15 +7,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONF ?= conf/mjfilter.yaml
 
-# Debian packages: building pymilter, the venv; Postfix for the integration tests.
+# Debian packages: building pymilter, the venv; Postfix and Redis for the integration tests.
 RUN_DEBS := gcc libc6-dev python3-dev python3-venv libmilter-dev
-TEST_DEBS := $(RUN_DEBS) postfix
+TEST_DEBS := $(RUN_DEBS) postfix redis-server
 
-.PHONY: run test deps-run deps-test venv venv-test check clean help
+.PHONY: run test bench-dedup deps-run deps-test venv venv-test clean help
 
 help:
 	@echo "make run    install what is missing, run the milter with $(CONF)"
 	@echo "make test   install what is missing, run the whole test suite (real Postfix included)"
+	@echo "make bench-dedup  dedup store throughput and added latency through a real Postfix"
 	@echo "make clean  remove the virtualenv and build leftovers"
 
 run: deps-run venv
@@ -23,6 +24,9 @@ run: deps-run venv
 
 test: deps-test venv-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-dedup: deps-test venv-test
+	$(PY) bench/dedup.py
 
 deps-run:
 	@DEBS="$(RUN_DEBS)" ./scripts/install-debs

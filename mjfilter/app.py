@@ -84,22 +84,16 @@ class App:
         """The state store, opened on first use."""
         if self._store is None:
             cfg = self._runtime.config
-            self._store = open_store(cfg.store_url, cfg.store.timeout, base=self.config_path.resolve().parent)
+            self._store = open_store(cfg.store_url, cfg.store.timeout, base=self.config_path.resolve().parent,
+                                     prefix=cfg.store.prefix, keep_events=cfg.store.keep_events)
         return self._store
 
     def secret(self, name: str, nbytes: int = 32) -> str:
-        """A secret made on first use and kept in the state directory (mode 0600)."""
-        path = self.state_dir / f"{name}.key"
-        try:
-            return path.read_text().strip()
-        except FileNotFoundError:
-            pass
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_hex(nbytes)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value + "\n")
-        return value
+        """A secret made on first use and kept in the store (shared by every node on Redis).
+
+        Atomic: when several processes make one at once, all of them get the one kept.
+        """
+        return self.store.put_if_absent(f"secret:{name}", secrets.token_hex(nbytes))
 
     # -- lifecycle -------------------------------------------------------------
     @property
@@ -220,7 +214,21 @@ class App:
             return tempfail_outcome(f"internal error: {type(e).__name__}: {e}")
 
     def end(self, txn: Transaction, outcome: Outcome, rt: Runtime) -> None:
+        """Tell the steps how the transaction ended, then keep its events.
+
+        Events are kept when the outcome is final (accepted, discarded,
+        quarantined, rejected); a tempfailed attempt will be retried, and its
+        events would come twice.
+        """
         rt.chain.transaction_end(txn, outcome, self, self.resolve)
+        if outcome.events and outcome.verdict != "tempfail":
+            common = {"MessageID": txn.message.get_text("Message-ID"), "queue_id": txn.queue_id,
+                      "customcampaign": txn.directives.campaign, "CustomID": txn.directives.custom_id,
+                      "Payload": txn.directives.payload}
+            try:
+                self.store.add_events([{**common, **e.as_dict()} for e in outcome.events])
+            except StoreUnavailable as e:
+                log.error("events not kept, store unavailable: %s", e)
 
     def summarize(self, txn: Transaction, outcome: Outcome, elapsed_ms: float, note: str = "") -> None:
         """The one INFO line per transaction (no bodies, no credentials)."""

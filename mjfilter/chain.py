@@ -20,6 +20,7 @@ from .config import ConfigError, ConfigProblem, LoadedConfig, Rule
 from .dialects import parse_directives
 from .model import Transaction
 from .plugins import Hooks, pending_awaitables
+from .store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,14 @@ class Chain:
                 pending = pending_awaitables(results)
                 if pending:
                     resolve(pending)
+            except StoreUnavailable as e:
+                # never a silent skip: whatever on_error says, the client retries later
+                ms = (time.perf_counter() - t0) * 1e3
+                log.error("step %s: store unavailable: %s", step.name, e)
+                trace.append(TraceEntry(step.name, "error: store unavailable: tempfail", ms))
+                out = tempfail_outcome(f"step {step.name}: store unavailable: {e}", trace)
+                out.steps_run = ran
+                return out
             except Exception as e:
                 ms = (time.perf_counter() - t0) * 1e3
                 if step.on_error == "skip":

@@ -163,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         app.start()
         control.start()
         log.info("mjfilter %s: configuration %s, store %s, control socket %s", __version__, loaded.path,
-                 loaded.config.store_url, loaded.config.control_socket)
+                 app.store.url, loaded.config.control_socket)  # store.url has any password masked
         serve(app, on_ready=lambda: log.info("ready"))
     except StoreUnavailable as e:
         log.error("store unavailable: %s", e)

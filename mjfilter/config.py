@@ -212,12 +212,15 @@ class ReinjectConfig(Strict):
 class StoreConfig(Strict):
     url: str | None = Field(None, description="sqlite:///PATH (default: STATE_DIR/mjfilter.db) or redis://")
     timeout: float = Field(5.0, gt=0, description="seconds to wait for a locked or slow store")
+    prefix: str = Field("mjfilter:", min_length=1, max_length=64,
+                        description="key prefix on Redis (several deployments can share one server)")
+    keep_events: int = Field(100000, ge=0, description="how many recent events the store keeps")
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^(sqlite:///.+|redis://.+|rediss://.+)$", v):
-            raise ValueError("store url must be sqlite:///PATH or redis://HOST:PORT/DB")
+        if v is not None and not re.match(r"^(sqlite:///.+|redis://.+|rediss://.+|unix://.+)$", v):
+            raise ValueError("store url must be sqlite:///PATH, redis://HOST:PORT/DB, rediss://... or unix:///PATH")
         return v
 
 
