@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, store_cli
+from .cliutil import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, HelpFormatter, add_config
 from .config import ConfigError, config_path, load_config
 
 log = logging.getLogger("mjfilter")
-
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 DESCRIPTION = """\
 mjfilter runs a chain of plugins on every message an MTA (Postfix, Sendmail;
@@ -37,23 +36,13 @@ see also: docs/ in the source tree, `mjfilter COMMAND --help`.
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32, width=88)
-
-
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", metavar="FILE",
-                   help="configuration file (default: $MJFILTER_CONFIG or /etc/mjfilter/mjfilter.yaml)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mjfilter", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=_Formatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"mjfilter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="run the milter daemon in the foreground", formatter_class=_Formatter,
+    p = sub.add_parser("run", help="run the milter daemon in the foreground", formatter_class=HelpFormatter,
                        description=textwrap.dedent("""\
         Run the milter in the foreground until SIGTERM or SIGINT.
 
@@ -62,16 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
         its control socket. SIGHUP stops the daemon (libmilter's rule): use
         `mjfilter reload` to re-read the configuration.
         Logs go to standard error; one INFO line per message."""))
-    _add_config(p)
+    add_config(p)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="override logging.level of the configuration")
 
-    p = sub.add_parser("check", help="run the chain on an .eml file, with no MTA", formatter_class=_Formatter,
+    p = sub.add_parser("check", help="run the chain on an .eml file, with no MTA", formatter_class=HelpFormatter,
                        description=textwrap.dedent("""\
         Run the configured chain on one message file with the given envelope, exactly
         as the milter would, and print what would happen: the trace of every step,
-        the verdict, and the resulting message(s). Nothing is sent anywhere; steps
-        that keep state (dedup, suppression) do use the configured store.
+        the verdict, and the resulting message(s). Nothing is sent anywhere. Steps
+        read the configured store (suppression lists, dedup reservations) but, unless
+        --commit is given, leave nothing behind: the run ends as if the MTA had
+        not taken the message (dedup releases its reservations, no event is kept).
 
         --json prints one object: verdict (accept|reject|tempfail|discard|quarantine),
         reply ({code, status, text} or null), route (next hop or null), deliveries
@@ -79,55 +70,58 @@ def build_parser() -> argparse.ArgumentParser:
         ms}), directives (what the control headers asked), queue_id."""),
                        epilog="example:\n  mjfilter check -c conf/mjfilter.yaml --sender app@example.com "
                               "--rcpt bob@example.org message.eml --json")
-    _add_config(p)
+    add_config(p)
     p.add_argument("--sender", required=True, metavar="ADDR", help="envelope sender (MAIL FROM); '' for <>")
     p.add_argument("--rcpt", required=True, action="append", metavar="ADDR",
                    help="envelope recipient (RCPT TO); repeat for several")
     p.add_argument("--auth", metavar="USER", help="SASL login of the client ({auth_authen})")
     p.add_argument("--client-ip", metavar="IP", default="127.0.0.1", help="client address (default 127.0.0.1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.add_argument("--commit", action="store_true",
+                   help="keep the effects in the store, as if the MTA had accepted the message")
     p.add_argument("file", metavar="FILE.eml", help="the message (RFC 5322); - reads standard input")
 
-    p = sub.add_parser("config", help="configuration tools", formatter_class=_Formatter,
+    p = sub.add_parser("config", help="configuration tools", formatter_class=HelpFormatter,
                        description="Configuration tools.")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     cp = csub.add_parser("check", help="validate the configuration without starting anything",
-                         formatter_class=_Formatter, description=textwrap.dedent("""\
+                         formatter_class=HelpFormatter, description=textwrap.dedent("""\
         Validate the configuration like `postfix check`: YAML syntax, duplicate keys,
         unknown keys, wrong types, unknown or broken plugins, each step's own config.
         Binds no socket and opens no store. Prints FILE:LINE:COL: reason per problem
         and exits 2, or prints a one-line summary and exits 0."""))
-    _add_config(cp)
+    add_config(cp)
 
-    p = sub.add_parser("plugins", help="list plugins and the effective chain order", formatter_class=_Formatter,
+    p = sub.add_parser("plugins", help="list plugins and the effective chain order", formatter_class=HelpFormatter,
                        description=textwrap.dedent("""\
         List every installed plugin (entry-point group mjfilter.plugins) with its
         distribution and version, the hooks the configured ones implement, and the
         effective chain order with each step's when: rule and on_error policy."""))
-    _add_config(p)
+    add_config(p)
 
     p = sub.add_parser("postfix-config", help="print the Postfix main.cf/master.cf lines this configuration needs",
-                       formatter_class=_Formatter, description=textwrap.dedent("""\
+                       formatter_class=HelpFormatter, description=textwrap.dedent("""\
         Print the main.cf parameters (smtpd_milters, milter_default_action = tempfail,
         timeouts, macros) and the master.cf reinjection listener this configuration
         needs. The test suite installs exactly this output into a real Postfix."""))
-    _add_config(p)
+    add_config(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--main", action="store_true", help="print only the main.cf lines")
     g.add_argument("--master", action="store_true", help="print only the master.cf lines")
 
-    p = sub.add_parser("reload", help="make the running daemon re-read its configuration", formatter_class=_Formatter,
+    p = sub.add_parser("reload", help="make the running daemon re-read its configuration", formatter_class=HelpFormatter,
                        description=textwrap.dedent("""\
         Ask the running daemon (through its control socket, control.socket or
         STATE_DIR/control.sock) to re-read its configuration file. An invalid file is
         refused with FILE:LINE:COL: reason and the running chain stays; a valid one
         takes effect for the next message, without dropping connections. Changes of
         milter, store, state_dir and control settings need a restart."""))
-    _add_config(p)
+    add_config(p)
 
-    p = sub.add_parser("status", help="show what the running daemon is running", formatter_class=_Formatter,
+    p = sub.add_parser("status", help="show what the running daemon is running", formatter_class=HelpFormatter,
                        description="Print the running daemon's pid, configuration file and chain (JSON).")
-    _add_config(p)
+    add_config(p)
+    store_cli.add_commands(sub, add_config, formatter_class=HelpFormatter)
     return parser
 
 
@@ -191,7 +185,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     try:
         app.start()
-        r = replay(app, data, args.sender, args.rcpt, auth_user=args.auth, client_ip=args.client_ip)
+        r = replay(app, data, args.sender, args.rcpt, auth_user=args.auth, client_ip=args.client_ip,
+                   commit=args.commit)
     finally:
         app.close()
     if args.json:
@@ -293,6 +288,7 @@ COMMANDS = {
     "postfix-config": cmd_postfix_config,
     "reload": lambda a: _control(a, "reload"),
     "status": lambda a: _control(a, "status"),
+    **store_cli.COMMANDS,
 }
 
 

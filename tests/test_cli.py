@@ -19,7 +19,9 @@ def run(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess[s
 
 
 @pytest.mark.parametrize("cmd", [[], ["run"], ["check"], ["config"], ["config", "check"], ["plugins"],
-                                 ["postfix-config"], ["reload"], ["status"]])
+                                 ["postfix-config"], ["reload"], ["status"], ["suppress"],
+                                 ["suppress", "add"], ["suppress", "import"], ["suppress", "export"],
+                                 ["campaigns"], ["store"], ["store", "check"], ["events"]])
 def test_every_command_has_help(cmd):
     r = run(*cmd, "--help")
     assert r.returncode == 0 and "usage: mjfilter" in r.stdout and len(r.stdout) > 200
@@ -87,3 +89,19 @@ def test_reload_without_daemon_says_so(tmp_path):
     conf.write_text(f"state_dir: {tmp_path}\n")
     r = run("reload", "-c", str(conf))
     assert r.returncode == 1 and "no daemon answers on" in r.stderr
+
+
+def test_check_is_a_dry_run_unless_commit(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"state_dir: {tmp_path}\nchain:\n  - use: headers\n  - use: dedup\n")
+    args = ["check", "-c", str(conf), "--sender", "app@shop.example", "--rcpt", "bob@example.org",
+            str(DATA / "all-vendors.eml"), "--json"]
+    verdicts = [json.loads(run(*args).stdout)["verdict"] for _ in range(2)]
+    assert verdicts == ["accept", "accept"]  # nothing kept: the same check twice gives the same answer
+    verdicts = [json.loads(run(*args, "--commit").stdout)["verdict"] for _ in range(2)]
+    assert verdicts == ["accept", "accept"]  # a retry of the same message is never a duplicate
+    other = (DATA / "all-vendors.eml").read_bytes().replace(b"<20261124070000.1234@", b"<another@")
+    (tmp_path / "other.eml").write_bytes(other)
+    args[-2] = str(tmp_path / "other.eml")
+    out = json.loads(run(*args, "--commit").stdout)
+    assert out["verdict"] == "discard" and out["events"][0]["error"] == "duplicate in campaign"

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 LISTS = ("unsubscribe", "bounce")
 
@@ -70,6 +71,26 @@ def normalize_entry(entry: str) -> str:
     if not e or any(c.isspace() for c in e) or e.count("@") > 1 or e.endswith("@"):
         raise ValueError(f"{entry!r} is not an address or a domain")
     return e if "@" in e else "@" + e
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (userinfo or ``?password=``) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.partition(":")[0]
+            netloc = f"{user}:***@{hostport}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(k.lower() == "password" for k, _ in pairs):
+                query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+        masked = f"{parts.scheme}://{netloc}{parts.path}"
+        return masked + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    except ValueError:
+        return "<unparsable url>"
 
 
 def lookup_keys(address: str) -> tuple[str, str]:
@@ -167,5 +188,5 @@ def open_store(url: str, timeout: float = 5.0, base: Path | None = None, prefix:
     raise ValueError(f"unknown store url {url!r}")
 
 
-__all__ = ["LISTS", "CampaignStats", "Store", "StoreUnavailable", "SuppressionEntry", "lookup_keys",
+__all__ = ["LISTS", "CampaignStats", "Store", "StoreUnavailable", "SuppressionEntry", "lookup_keys", "mask_url",
            "normalize_entry", "open_store"]

@@ -37,13 +37,13 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import CampaignStats, StoreUnavailable, SuppressionEntry, lookup_keys, normalize_entry
+from . import CampaignStats, StoreUnavailable, SuppressionEntry, lookup_keys, mask_url, normalize_entry
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +101,6 @@ end
 redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password (userinfo or ``?password=``) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user = userinfo.partition(":")[0]
-            netloc = f"{user}:***@{hostport}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            if any(k.lower() == "password" for k, _ in pairs):
-                query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
-        masked = f"{parts.scheme}://{netloc}{parts.path}"
-        return masked + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
-    except ValueError:
-        return "<unparsable redis url>"
 
 
 def _password(url: str) -> str | None:
