@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ..actions import TEMPFAIL_REPLY
 from ..app import App
 from ..chain import Outcome
 from ..model import Connection, Envelope, Message, Transaction
@@ -33,8 +34,13 @@ def make_transaction(data: bytes, sender: str, recipients: list[str], auth_user:
 
 
 def replay(app: App, data: bytes, sender: str, recipients: list[str], auth_user: str | None = None,
-           client_ip: str | None = "127.0.0.1") -> Replay:
-    """Run the current chain on one message and end the transaction as an MTA would."""
+           client_ip: str | None = "127.0.0.1", commit: bool = True) -> Replay:
+    """Run the current chain on one message and end the transaction as an MTA would.
+
+    ``commit=False`` is a dry run: the steps are told the MTA did not take the
+    message (so dedup releases what it reserved, nothing is counted, no event is
+    kept), while the returned outcome still says what would have happened.
+    """
     rt = app.acquire()
     try:
         txn = make_transaction(data, sender, recipients, auth_user, client_ip,
@@ -42,7 +48,10 @@ def replay(app: App, data: bytes, sender: str, recipients: list[str], auth_user:
         t0 = time.perf_counter()
         outcome = app.process(txn, rt)
         ms = (time.perf_counter() - t0) * 1e3
-        app.end(txn, outcome, rt)
+        if commit:
+            app.end(txn, outcome, rt)
+        else:
+            app.end(txn, Outcome("tempfail", TEMPFAIL_REPLY, steps_run=outcome.steps_run), rt)
     finally:
         app.release(rt)
     return Replay(txn, outcome, ms)
