@@ -102,6 +102,20 @@ class Daemon:
         self.stop()
 
 
+def world_main_cf(daemon: Daemon, *others: Daemon) -> dict[str, str]:
+    """main.cf for a rig from `mjfilter postfix-config`, keeping the rig's short milter timeouts.
+
+    ``others`` are further milters run after ``daemon`` (smtpd_milters is a list).
+    """
+    main = postfix_main_cf(daemon.postfix_config("main"))
+    main["disable_mime_output_conversion"] = "yes"  # compare 8-bit bodies byte for byte
+    for k in ("milter_connect_timeout", "milter_command_timeout", "milter_content_timeout"):
+        main.pop(k)
+    if others:
+        main["smtpd_milters"] = ", ".join([main["smtpd_milters"], *(o.listen for o in others)])
+    return main
+
+
 def postfix_main_cf(text: str) -> dict[str, str]:
     """Parse `mjfilter postfix-config --main` output into parameters."""
     out = {}
