@@ -16,9 +16,10 @@ The integration tests run mail through a real Postfix::
   ``chroot = n``), logs to ``BASE/maillog`` through ``postlogd`` (no syslog
   needed), relays everything to ``[127.0.0.1]:relay_port`` and retries deferred
   mail within seconds. It is started with ``postfix -c DIR start`` and stopped
-  with ``postfix -c DIR stop``; only processes of this instance (identified by
-  ``MAIL_CONFIG=DIR`` in their environment or by the master's process group)
-  are ever killed. It must run as root (``mail_owner = postfix``).
+  like ``postfix -c DIR stop`` does (SIGTERM to its master), polling until every
+  process of the instance is gone; only processes of this instance (identified
+  by ``MAIL_CONFIG=DIR`` in their environment or by the master's process group)
+  are ever signalled. It must run as root (``mail_owner = postfix``).
 * :func:`smtp_send` / :func:`smtp_send_many` submit messages and return the
   final SMTP reply instead of raising on 4xx/5xx.
 
@@ -54,18 +55,20 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
-from collections.abc import Iterable, Sequence
+from typing import NamedTuple, Self
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as AioSMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP as AioSMTP
+from aiosmtpd.smtp import Envelope, Session
 
 LOOPBACK = "127.0.0.1"
 _POLL = 0.05  # seconds between readiness probes
@@ -182,7 +185,7 @@ class Received:
 class _Recorder:
     """aiosmtpd handler: answer 250 to DATA and keep the message."""
 
-    def __init__(self, sink: "Sink") -> None:
+    def __init__(self, sink: Sink) -> None:
         self._sink = sink
 
     async def handle_DATA(self, server: AioSMTP, session: Session, envelope: Envelope) -> str:
@@ -215,7 +218,7 @@ class Sink:
         self._controller: Controller | None = None
 
     # -- lifecycle
-    def start(self) -> "Sink":
+    def start(self) -> Self:
         if self._controller is not None:
             return self
         controller = Controller(
@@ -240,7 +243,7 @@ class Sink:
     def running(self) -> bool:
         return self._controller is not None
 
-    def __enter__(self) -> "Sink":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
@@ -437,7 +440,7 @@ _SERVICES: list[tuple[str, str, str, str, str, str, str]] = [
     ("postlog", "unix-dgram", "n", "-", "-", "1", "postlogd"),
 ]
 
-_LIVE_RIGS: "weakref.WeakSet[PostfixRig]" = weakref.WeakSet()
+_LIVE_RIGS: weakref.WeakSet[PostfixRig] = weakref.WeakSet()
 
 
 @atexit.register
@@ -446,8 +449,8 @@ def _stop_live_rigs() -> None:
     for rig in list(_LIVE_RIGS):
         try:
             rig.stop()
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
+        except Exception as e:  # noqa: BLE001 - best effort at exit
+            print(f"rig: could not stop Postfix under {rig.base}: {e}", file=sys.stderr)
 
 
 class PostfixRig:
@@ -470,6 +473,8 @@ class PostfixRig:
         smtpd_options: dict[str, str] | None = None,
     ) -> None:
         self.postfix_cmd = _find("postfix")
+        if os.geteuid() != 0:
+            raise RuntimeError("PostfixRig must run as root (mail_owner = postfix, private queue directories)")
         self.postqueue_cmd = _find("postqueue")
         self.postconf_cmd = _find("postconf")
         self.base = Path(base).resolve()
@@ -576,7 +581,7 @@ class PostfixRig:
     # -- commands
     def _run(self, argv: list[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, MAIL_CONFIG=str(self.conf_dir))
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         if check and cp.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(argv)} exited {cp.returncode}\nstdout: {cp.stdout}\nstderr: {cp.stderr}\n"
@@ -598,7 +603,7 @@ class PostfixRig:
         self.postfix("reload")
 
     # -- lifecycle
-    def start(self, timeout: float = 30.0) -> "PostfixRig":
+    def start(self, timeout: float = 30.0) -> Self:
         """Write the configuration, check it, start master and wait until smtpd answers 220."""
         if self.running():
             return self
@@ -655,17 +660,24 @@ class PostfixRig:
         return self._read_master_pid() is not None
 
     def _processes(self) -> list[int]:
-        """PIDs of this instance: ``MAIL_CONFIG`` = our conf dir, or in the master's process group."""
+        """Live PIDs of this instance: ``MAIL_CONFIG`` = our conf dir, or in the master's process group.
+
+        Zombies are left out: they are dead already, and reaping them is up to their parent
+        (``init`` for master, which daemonizes).
+        """
         mine: list[int] = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
             pid = int(entry)
             try:
-                in_group = self._master_pid is not None and os.getpgid(pid) == self._master_pid
-            except OSError:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
                 continue
-            if in_group or self._is_ours(pid):
+            state, pgrp = stat[0], int(stat[2])
+            if state in ("Z", "X"):
+                continue
+            if (self._master_pid is not None and pgrp == self._master_pid) or self._is_ours(pid):
                 mine.append(pid)
         return mine
 
@@ -703,7 +715,7 @@ class PostfixRig:
         if left:
             raise RuntimeError(f"Postfix processes of {self.conf_dir} survived SIGKILL: {left}")
 
-    def __enter__(self) -> "PostfixRig":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

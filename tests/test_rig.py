@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from rig import PostfixRig, Reply, Sink, free_port, smtp_send, smtp_send_many, wait_port
 
 pytestmark = pytest.mark.postfix
