@@ -11,8 +11,10 @@ the message's fingerprint (Message-ID plus body hash), claimed for every
 recipient in one atomic store round-trip: a retry of the same message wins
 its own reservations again and is never a duplicate, and concurrent copies
 on any number of nodes sharing the store deliver exactly once. When the
-transaction ends in tempfail or reject, the reservations are released so
-the client's retry (or a corrected message) is not blocked.
+transaction ends in tempfail or reject, the reservations this attempt newly
+claimed are released, so the client's retry (or a corrected message) is not
+blocked; a reservation the same message already held stays, because the
+earlier attempt that made it may have been delivered.
 
 The step also counts every accepted message that names a campaign (with or
 without deduplication) for ``mjfilter campaigns``.
@@ -33,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from mjfilter import hookimpl
-from mjfilter.store import StoreUnavailable
+from mjfilter.store import CLAIMED, TAKEN, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class Reservation:
     tenant: str
     campaign: str
     holder: str | None = None  # None: nothing was reserved (no dedup asked)
-    keys: tuple[str, ...] = ()  # the keys this message holds
+    keys: tuple[str, ...] = ()  # the keys this attempt newly claimed (released if it fails)
     blocked: int = 0
 
 
@@ -167,8 +169,10 @@ def mjfilter_message(txn: Any, actions: Any, config: Config, app: Any) -> None:
     ordered = list(keys.items())
     won = app.store.reserve([k for _, k in ordered], holder, ttl=config.window)
     reservation.holder = holder
-    reservation.keys = tuple(k for (_, k), ok in zip(ordered, won, strict=True) if ok)
-    losers = [rcpt for (rcpt, _), ok in zip(ordered, won, strict=True) if not ok] + repeats
+    # only what this attempt claimed is released if it fails: a key the same message
+    # already HELD comes from an earlier attempt, which may have been delivered
+    reservation.keys = tuple(k for (_, k), got in zip(ordered, won, strict=True) if got == CLAIMED)
+    losers = [rcpt for (rcpt, _), got in zip(ordered, won, strict=True) if got == TAKEN] + repeats
     for rcpt in losers:
         actions.delete_recipient(rcpt)
         actions.emit("blocked", rcpt, error=BLOCKED_ERROR, campaign=campaign)

@@ -265,3 +265,19 @@ def test_two_dedup_steps_keep_their_own_state(make_app):
     r = replay(app, msg("m1"), SENDER, ["bob@example.org"], auth_user="alice")
     assert set(r.txn.state) == {"dedup-alice", "dedup-any"}
     assert r.outcome.verdict == "accept"
+
+
+def test_failed_retry_of_a_delivered_message_keeps_its_reservation(make_app):
+    """A HELD key (claimed by an earlier, delivered attempt) survives a later failed attempt."""
+    from mjfilter.frontends.replay import replay as run
+
+    data = (b"From: a@shop.example\r\nMessage-ID: <held-1@shop.example>\r\nX-Mailjet-Campaign: c1\r\n"
+            b"X-Mailjet-DeduplicateCampaign: yes\r\n\r\nHi.\r\n")
+    app = make_app([{"use": "headers"}, {"use": "dedup"}])
+    assert run(app, data, "a@shop.example", ["bob@example.org"]).outcome.verdict == "accept"
+    failing = make_app([{"use": "headers"}, {"use": "dedup"}, {"use": "test-verdict", "config": {"verdict": "tempfail"}}])
+    assert run(failing, data, "a@shop.example", ["bob@example.org"]).outcome.verdict == "tempfail"
+    # and a dry run of the delivered message does not free the recipient either
+    run(app, data, "a@shop.example", ["bob@example.org"], commit=False)
+    other = data.replace(b"<held-1@", b"<held-2@")
+    assert run(app, other, "a@shop.example", ["bob@example.org"]).outcome.verdict == "discard"

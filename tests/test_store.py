@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mjfilter.store import StoreUnavailable, SuppressionEntry, normalize_entry, open_store
+from mjfilter.store import CLAIMED, HELD, TAKEN, StoreUnavailable, SuppressionEntry, normalize_entry, open_store
 from redis_rig import RedisServer
 
 
@@ -39,22 +39,22 @@ def test_kv(store):
 
 
 def test_reserve_release_holder(store):
-    assert store.reserve(["a", "b"], "m1") == [True, True]
-    assert store.reserve(["a", "c"], "m2") == [False, True]
-    assert store.reserve(["a"], "m1") == [True]  # the same message again: never a duplicate
+    assert store.reserve(["a", "b"], "m1") == [CLAIMED, CLAIMED]
+    assert store.reserve(["a", "c"], "m2") == [TAKEN, CLAIMED]
+    assert store.reserve(["a"], "m1") == [HELD]  # the same message again: never a duplicate
     assert store.holder("a") == "m1" and store.holder("c") == "m2" and store.holder("zz") is None
     assert store.release(["a", "c"], "m1") == 1  # c is m2's: compare-and-delete leaves it
     assert store.holder("a") is None and store.holder("c") == "m2"
-    assert store.reserve(["a"], "m2") == [True]
+    assert store.reserve(["a"], "m2") == [CLAIMED]
     assert store.reserve([], "m3") == []
 
 
 def test_reservation_expiry(store):
-    assert store.reserve(["t"], "m1", ttl=0.3) == [True]
-    assert store.reserve(["t"], "m2", ttl=0.3) == [False]
+    assert store.reserve(["t"], "m1", ttl=0.3) == [CLAIMED]
+    assert store.reserve(["t"], "m2", ttl=0.3) == [TAKEN]
     time.sleep(0.5)
     assert store.holder("t") is None
-    assert store.reserve(["t"], "m2") == [True]
+    assert store.reserve(["t"], "m2") == [CLAIMED]
 
 
 def test_reserve_is_atomic_under_concurrency(store):
@@ -66,7 +66,7 @@ def test_reserve_is_atomic_under_concurrency(store):
         barrier.wait()
         got = store.reserve(["race", f"own-{i}"], f"holder-{i}")
         with lock:
-            results.append(got[0])
+            results.append(bool(got[0]))
 
     threads = [threading.Thread(target=race, args=(i,)) for i in range(20)]
     for t in threads:

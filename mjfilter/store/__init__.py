@@ -29,6 +29,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 LISTS = ("unsubscribe", "bounce")
 
+# What ``Store.reserve`` says of each key. CLAIMED and HELD are true, TAKEN false.
+TAKEN = 0  # another holder has the key
+CLAIMED = 1  # the key was free (or expired) and is now this holder's
+HELD = 2  # the key already was this holder's (the same message again)
+
 
 class StoreUnavailable(Exception):
     """The store did not answer (down, locked past its timeout, disk full)."""
@@ -116,13 +121,16 @@ class Store(Protocol):
         """Keep ``value`` under ``key`` unless a value is there; return the value kept."""
 
     # -- reservations ----------------------------------------------------------------
-    def reserve(self, keys: Sequence[str], holder: str, ttl: float | None = None) -> list[bool]:
+    def reserve(self, keys: Sequence[str], holder: str, ttl: float | None = None) -> list[int]:
         """Claim every key for ``holder``, atomically, in one round-trip.
 
-        For each key, in order: True when the key is now held by ``holder`` (it
-        was free or expired, or already held by the same holder: a retry of
-        the same message), False when another holder has it. ``ttl`` seconds
-        (None: forever) applies to newly claimed keys.
+        For each key, in order: ``CLAIMED`` when it was free or expired and is
+        now ``holder``'s, ``HELD`` when it already was ``holder``'s (a retry of
+        the same message: never a duplicate), ``TAKEN`` when another holder has
+        it. CLAIMED and HELD are true, TAKEN is false. A caller that undoes its
+        work releases only what it CLAIMED: a HELD key belongs to an earlier
+        attempt that may have been delivered. ``ttl`` seconds (None: forever)
+        applies to newly claimed keys.
         """
 
     def release(self, keys: Sequence[str], holder: str) -> int:
@@ -188,5 +196,5 @@ def open_store(url: str, timeout: float = 5.0, base: Path | None = None, prefix:
     raise ValueError(f"unknown store url {url!r}")
 
 
-__all__ = ["LISTS", "CampaignStats", "Store", "StoreUnavailable", "SuppressionEntry", "lookup_keys", "mask_url",
+__all__ = ["CLAIMED", "HELD", "LISTS", "TAKEN", "CampaignStats", "Store", "StoreUnavailable", "SuppressionEntry", "lookup_keys", "mask_url",
            "normalize_entry", "open_store"]

@@ -72,7 +72,7 @@ for i, key in ipairs(KEYS) do
     end
     out[i] = 1
   elseif current == holder then
-    out[i] = 1
+    out[i] = 2
   else
     out[i] = 0
   end
@@ -207,11 +207,11 @@ class RedisStore:
         return str(kept)
 
     # -- reservations -----------------------------------------------------------------------
-    def reserve(self, keys: Sequence[str], holder: str, ttl: float | None = None) -> list[bool]:
+    def reserve(self, keys: Sequence[str], holder: str, ttl: float | None = None) -> list[int]:
         """Claim every key for ``holder``, atomically, in one round-trip (a Lua script).
 
-        True per key when it is now ``holder``'s (free, expired, or already
-        theirs: the ttl of a key already held is left as it was), False when
+        CLAIMED (1) per key when it was free or expired, HELD (2) when it
+        already was ``holder``'s (its ttl is left as it was), TAKEN (0) when
         another holder has it. ``ttl`` seconds (None: forever) applies to newly
         claimed keys, rounded up to the millisecond.
         """
@@ -220,7 +220,7 @@ class RedisStore:
         ms = "" if ttl is None else str(max(1, math.ceil(ttl * 1000)))
         names = [self._k("hold:", k) for k in keys]
         got = self._call("reserve", lambda: self._reserve(keys=names, args=[holder, ms]))
-        return [bool(int(x)) for x in cast("list[Any]", got)]
+        return [int(x) for x in cast("list[Any]", got)]
 
     def release(self, keys: Sequence[str], holder: str) -> int:
         """Free the keys still held by ``holder`` (compare-and-delete); return how many."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
-from . import CampaignStats, StoreUnavailable, SuppressionEntry, lookup_keys
+from . import CLAIMED, HELD, TAKEN, CampaignStats, StoreUnavailable, SuppressionEntry, lookup_keys
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -131,21 +131,21 @@ class SQLiteStore:
             return str(db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()[0])
 
     # -- reservations ----------------------------------------------------------------
-    def reserve(self, keys: Sequence[str], holder: str, ttl: float | None = None) -> list[bool]:
+    def reserve(self, keys: Sequence[str], holder: str, ttl: float | None = None) -> list[int]:
         if not keys:
             return []
         now = time.time()
         expires = None if ttl is None else now + ttl
-        out: list[bool] = []
+        out: list[int] = []
         with self._write() as db:
             for key in keys:
                 row = db.execute("SELECT holder, expires FROM reservations WHERE key = ?", (key,)).fetchone()
                 if row is None or (row[1] is not None and row[1] <= now):
                     db.execute("INSERT OR REPLACE INTO reservations(key, holder, expires) VALUES(?, ?, ?)",
                                (key, holder, expires))
-                    out.append(True)
+                    out.append(CLAIMED)
                 else:
-                    out.append(row[0] == holder)
+                    out.append(HELD if row[0] == holder else TAKEN)
         return out
 
     def release(self, keys: Sequence[str], holder: str) -> int:
