@@ -249,3 +249,49 @@ def test_mxm_flags_unsubscribe_and_bounce_lists(world):
     assert sorted(g.rcpt_tos[0] for g in got) == ["dead@example.org", "gone@example.org"]
     blocked = [e for e in wait_events(world.store, 2) if e["event"] == "blocked"]
     assert sorted(e["email"] for e in blocked) == ["dead@example.org", "gone@example.org"]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 512 KiB tmpfs (needs root, as `make test` runs); unmounted afterwards."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0755", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write until the filesystem says ENOSPC."""
+    import errno
+
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_disk_full_gives_451_and_store_check_is_clean_afterwards(tmp_path, tiny_fs):
+    w = World(tmp_path, CHAIN, store={"url": f"sqlite:///{tiny_fs / 'state.db'}", "timeout": 1})
+    try:
+        assert w.send(message()) == 250  # the database exists and works
+        fill(tiny_fs / "filler")
+        codes = [w.send(message(to=f"full{i}@example.org"), [f"full{i}@example.org"]) for i in range(5)]
+        assert 451 in codes and all(c in (250, 451) for c in codes), codes  # 4xx, never 5xx
+        (tiny_fs / "filler").unlink()
+        for i, code in enumerate(codes):  # the clients retry
+            if code != 250:
+                assert w.send(message(to=f"full{i}@example.org"), [f"full{i}@example.org"]) == 250
+        assert len(w.settle()) == 6
+        r = w.daemon.mjfilter("store", "check")
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        w.store.close()
+        w.close()
