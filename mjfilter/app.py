@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ class App:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._started = False
+        self._active = 0  # transactions between MAIL FROM and their end, over all runtimes
+        self._idle = threading.Condition()
+        self.draining = False  # set on shutdown: new transactions are refused with 451
 
     # -- what plugins use -----------------------------------------------------
     @property
@@ -193,14 +197,35 @@ class App:
             rt = self._runtime
             with rt.lock:
                 rt.active += 1
+        with self._idle:
+            self._active += 1
         return rt
 
     def release(self, rt: Runtime) -> None:
         with rt.lock:
             rt.active -= 1
             done = rt.retired and rt.active == 0
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
         if done:
             self._shutdown(rt)
+
+    def drain(self, timeout: float) -> int:
+        """Stop taking new transactions; wait up to ``timeout`` s for the others to end.
+
+        Returns how many were still in flight when the time ran out (their MTA
+        connections then drop, and the MTA answers its clients 4xx).
+        """
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._active > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+            return self._active
 
     def process(self, txn: Transaction, rt: Runtime) -> Outcome:
         """Run the chain; any internal error becomes a 451 outcome (fail closed)."""

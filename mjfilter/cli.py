@@ -159,6 +159,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("mjfilter %s: configuration %s, store %s, control socket %s", __version__, loaded.path,
                  app.store.url, loaded.config.control_socket)  # store.url has any password masked
         serve(app, on_ready=lambda: log.info("ready"))
+        drain = loaded.config.milter.drain_timeout
+        log.info("stopping: letting in-flight messages finish (up to %gs)", drain)
+        left = app.drain(drain)
+        if left:
+            log.warning("stopping with %d transaction(s) unfinished: the MTA answers their clients 4xx", left)
     except StoreUnavailable as e:
         log.error("store unavailable: %s", e)
         return EXIT_FAIL

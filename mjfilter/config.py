@@ -192,6 +192,8 @@ class MilterConfig(Strict):
     body_spool_bytes: int = Field(1 << 20, ge=0, description="bodies larger than this go to a temp file")
     max_message_bytes: int = Field(64 << 20, ge=1024, description="larger messages are refused with 552")
     chain_timeout: float = Field(120.0, gt=0, description="seconds one message may spend in the chain")
+    drain_timeout: float = Field(20.0, ge=0, description="on SIGTERM/SIGINT, seconds to let in-flight "
+                                                         "transactions finish before exiting")
 
     @field_validator("listen")
     @classmethod

@@ -45,7 +45,11 @@ class Daemon:
             "logging": {"level": "info"},
             "chain": chain,
         }
-        doc.update(top)
+        for key, value in top.items():  # merge one level deep: milter={...} keeps listen
+            if isinstance(value, dict) and isinstance(doc.get(key), dict):
+                doc[key] = {**doc[key], **value}
+            else:
+                doc[key] = value
         self.conf.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def mjfilter(self, *args: str) -> subprocess.CompletedProcess[str]:

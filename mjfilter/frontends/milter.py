@@ -36,6 +36,7 @@ from ..sender import ReinjectError, reinject
 log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "X-Mjfilter-Route"
+SHUTDOWN_REPLY = Reply(451, "4.3.2", "Content filter shutting down, please try again later")
 
 # capability -> libmilter action flag
 _ACTION_FLAGS = {
@@ -80,6 +81,7 @@ class MilterSession(Milter.Base):
         self.txn: Transaction | None = None
         self.rt: Runtime | None = None
         self.too_big = False
+        self.refused = False  # began while the daemon was shutting down
 
     # -- negotiation -----------------------------------------------------------
     def negotiate(self, opts: list[int]) -> Any:
@@ -120,6 +122,7 @@ class MilterSession(Milter.Base):
     def envfrom(self, sender: str, *args: str) -> int:
         self._reset()
         self.rt = self.app.acquire()
+        self.refused = self.app.draining
         cfg = self.rt.config.milter
         macros = {}
         for m in ("{auth_authen}", "{auth_type}", "{auth_author}", "i"):
@@ -184,7 +187,9 @@ class MilterSession(Milter.Base):
         outcome: Outcome | None = None
         note = ""
         try:
-            if self.too_big:
+            if self.refused:
+                outcome = Outcome("tempfail", SHUTDOWN_REPLY)
+            elif self.too_big:
                 outcome = Outcome("reject", Reply(552, "5.3.4", "Message too big for the content filter"))
             else:
                 outcome = self.app.process(txn, rt)
