@@ -21,6 +21,7 @@ from typing import Any
 from .chain import Chain, Outcome, build_steps, tempfail_outcome
 from .config import ConfigError, LoadedConfig, load_config
 from .logsetup import escape
+from .metrics import Metrics
 from .model import Transaction
 from .plugins import Hooks, PluginError, PluginInfo, load_plugins, make_plugin_manager, pending_awaitables
 from .store import Store, StoreUnavailable, open_store
@@ -62,20 +63,26 @@ def prepare(loaded: LoadedConfig) -> Runtime:
 
 
 class App:
-    """What plugins get as ``app``: ``config``, ``store``, ``state_dir``, ``secret()``."""
+    """What plugins get as ``app``: ``config``, ``store``, ``state_dir``, ``secret()``.
+
+    ``metrics`` (a ``mjfilter.metrics.Metrics`` with a registry of its own) counts
+    every transaction in ``end``; ``store`` is wrapped so that its calls are timed.
+    """
 
     def __init__(self, loaded: LoadedConfig, store: Store | None = None) -> None:
         self.config_path = loaded.path
         self._runtime = prepare(loaded)
         self._runtime_lock = threading.Lock()
         self.state_dir: Path = loaded.config.state_dir
-        self._store = store
+        self.metrics = Metrics()
+        self._store = self.metrics.instrument(store) if store is not None else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._started = False
         self._active = 0  # transactions between MAIL FROM and their end, over all runtimes
         self._idle = threading.Condition()
         self.draining = False  # set on shutdown: new transactions are refused with 451
+        self.metrics.watch(in_flight=lambda: self._active, generation=lambda: self._runtime.generation)
 
     # -- what plugins use -----------------------------------------------------
     @property
@@ -85,11 +92,12 @@ class App:
 
     @property
     def store(self) -> Store:
-        """The state store, opened on first use."""
+        """The state store, opened on first use (every call timed into ``metrics``)."""
         if self._store is None:
             cfg = self._runtime.config
-            self._store = open_store(cfg.store_url, cfg.store.timeout, base=self.config_path.resolve().parent,
-                                     prefix=cfg.store.prefix, keep_events=cfg.store.keep_events)
+            self._store = self.metrics.instrument(
+                open_store(cfg.store_url, cfg.store.timeout, base=self.config_path.resolve().parent,
+                           prefix=cfg.store.prefix, keep_events=cfg.store.keep_events))
         return self._store
 
     def secret(self, name: str, nbytes: int = 32) -> str:
@@ -144,7 +152,7 @@ class App:
             new.generation = old.generation + 1
             self._runtime = new
         warnings = []
-        for key in ("milter", "store", "state_dir", "control"):
+        for key in ("milter", "store", "state_dir", "control", "metrics", "logging"):
             if getattr(loaded.config, key) != getattr(old_cfg, key):
                 warnings.append(f"{key} changed: takes effect at the next restart")
         with old.lock:
@@ -211,6 +219,11 @@ class App:
         if done:
             self._shutdown(rt)
 
+    @property
+    def in_flight(self) -> int:
+        """Transactions between MAIL FROM and their end, over all runtimes."""
+        return self._active
+
     def drain(self, timeout: float) -> int:
         """Stop taking new transactions; wait up to ``timeout`` s for the others to end.
 
@@ -239,12 +252,18 @@ class App:
             return tempfail_outcome(f"internal error: {type(e).__name__}: {e}")
 
     def end(self, txn: Transaction, outcome: Outcome, rt: Runtime) -> None:
-        """Tell the steps how the transaction ended, then keep its events.
+        """Count the transaction, tell the steps how it ended, then keep its events.
 
-        Events are kept when the outcome is final (accepted, discarded,
+        The one place every transaction passes once (the milter front end and
+        replay both call it), so the metrics are recorded here. Events are kept
+        (and counted) when the outcome is final (accepted, discarded,
         quarantined, rejected); a tempfailed attempt will be retried, and its
         events would come twice.
         """
+        try:
+            self.metrics.transaction(outcome)
+        except Exception:  # metrics never cost a message
+            log.exception("metrics: recording the transaction failed")
         rt.chain.transaction_end(txn, outcome, self, self.resolve)
         if outcome.events and outcome.verdict != "tempfail":
             common = {"MessageID": txn.message.get_text("Message-ID"), "queue_id": txn.queue_id,

@@ -36,6 +36,16 @@ see also: docs/ in the source tree, `mjfilter COMMAND --help`.
 """
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mjfilter", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=HelpFormatter)
@@ -50,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         in the store (default: SQLite in state_dir), and answers `mjfilter reload` on
         its control socket. SIGHUP stops the daemon (libmilter's rule): use
         `mjfilter reload` to re-read the configuration.
-        Logs go to standard error; one INFO line per message."""))
+        Logs go to standard error, or to syslog with logging.target: syslog; one INFO
+        line per message. With metrics.listen set, serves Prometheus metrics on
+        http://HOST:PORT/metrics."""))
     add_config(p)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="override logging.level of the configuration")
@@ -115,12 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
         STATE_DIR/control.sock) to re-read its configuration file. An invalid file is
         refused with FILE:LINE:COL: reason and the running chain stays; a valid one
         takes effect for the next message, without dropping connections. Changes of
-        milter, store, state_dir and control settings need a restart."""))
+        milter, store, state_dir, control, metrics and logging settings need a restart."""))
     add_config(p)
 
     p = sub.add_parser("status", help="show what the running daemon is running", formatter_class=HelpFormatter,
-                       description="Print the running daemon's pid, configuration file and chain (JSON).")
+                       description="Print the running daemon's pid, version, configuration file, chain, "
+                                   "configuration generation,\ntransactions in flight and whether it is "
+                                   "shutting down (JSON).")
     add_config(p)
+
+    p = sub.add_parser("health", help="check that the running daemon, its store and its sockets answer",
+                       formatter_class=HelpFormatter, description=textwrap.dedent("""\
+        For supervisors and monitoring: check, with the configuration the daemon runs
+        with, that
+
+          daemon   the control socket answers `status` and the daemon is not
+                   shutting down (reports pid, configuration generation, in flight);
+          store    the store answers a ping (store.url, within store.timeout);
+          milter   the milter socket (milter.listen, inet: or unix:) accepts a
+                   connection and answers the milter protocol's option negotiation,
+                   as the MTA's first command;
+          metrics  when metrics.listen is set: GET /metrics answers 200.
+
+        Prints one line per check (`ok` or `FAIL`, the check, the detail) and exits
+        0 when every check passes, 1 when one fails, 2 on a configuration error.
+        Run it as the daemon's user: the control socket is mode 0600."""),
+                       epilog="examples:\n  mjfilter health -c /etc/mjfilter/mjfilter.yaml\n"
+                              "  mjfilter health --json   # with $MJFILTER_CONFIG set")
+    add_config(p)
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object: {"ok": bool, "checks": [{"check", "ok", "detail"}]}')
+    p.add_argument("--timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                   help="seconds each check may take (default 5)")
     store_cli.add_commands(sub, add_config, formatter_class=HelpFormatter)
     return parser
 
@@ -146,18 +184,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         app = App(loaded)
     except ConfigError as e:
         return _config_error(e)
-    setup_logging(args.log_level or loaded.config.logging.level)
+    lcfg = loaded.config.logging
+    problem = setup_logging(args.log_level or lcfg.level, target=lcfg.target, facility=lcfg.facility,
+                            syslog_socket=lcfg.syslog_socket)
+    if problem:  # mail keeps flowing; the lines are lost until syslog answers (as with openlog(3))
+        print(f"mjfilter: warning: {problem}; log lines are lost until it answers", file=sys.stderr)
     # libmilter stops on SIGTERM/SIGINT/SIGHUP through sigwait() in a thread of its own.
     # Block them before any thread starts so every thread inherits the mask: else the
     # kernel may hand a signal to one of our threads and its default action kills us.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     control = ControlServer(app, loaded.config.control_socket)
+    metrics_server: Any = None
     try:
         app.store.ping()
         app.start()
         control.start()
         log.info("mjfilter %s: configuration %s, store %s, control socket %s", __version__, loaded.path,
                  app.store.url, loaded.config.control_socket)  # store.url has any password masked
+        address = loaded.config.metrics.address
+        if address is not None:
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(address[1], address[0], registry=app.metrics.registry)
+            log.info("metrics on http://%s/metrics", loaded.config.metrics.listen)
         serve(app, on_ready=lambda: log.info("ready"))
         drain = loaded.config.milter.drain_timeout
         log.info("stopping: letting in-flight messages finish (up to %gs)", drain)
@@ -171,6 +220,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot run: %s: %s", type(e).__name__, e)
         return EXIT_FAIL
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         control.stop()
         app.close()
     log.info("stopped")
@@ -286,6 +338,23 @@ def _control(args: argparse.Namespace, command: str) -> int:
     return EXIT_CONFIG
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from .health import run_checks
+
+    try:
+        loaded = _load(args)
+    except ConfigError as e:
+        return _config_error(e)
+    checks = run_checks(loaded, timeout=args.timeout)
+    ok = all(c.ok for c in checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [c.as_dict() for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'} {c.check:<8} {c.detail}")
+    return EXIT_OK if ok else EXIT_FAIL
+
+
 COMMANDS = {
     "run": cmd_run,
     "check": cmd_check,
@@ -293,6 +362,7 @@ COMMANDS = {
     "postfix-config": cmd_postfix_config,
     "reload": lambda a: _control(a, "reload"),
     "status": lambda a: _control(a, "status"),
+    "health": cmd_health,
     **store_cli.COMMANDS,
 }
 

@@ -227,7 +227,67 @@ class StoreConfig(Strict):
 
 
 class LoggingConfig(Strict):
+    """Where log lines go: standard error (default) or the local syslog daemon."""
+
     level: Literal["debug", "info", "warning", "error"] = "info"
+    target: Literal["stderr", "syslog"] = "stderr"
+    facility: str = Field("mail", description="syslog facility (mail, daemon, local0 ... local7)")
+    syslog_socket: str = Field("/dev/log", description="the syslog daemon's unix socket")
+
+    @field_validator("facility")
+    @classmethod
+    def _facility(cls, v: str) -> str:
+        from logging.handlers import SysLogHandler
+
+        if v.lower() not in SysLogHandler.facility_names:
+            raise ValueError(f"unknown syslog facility {v!r} (try: mail, daemon, user, local0 ... local7)")
+        return v.lower()
+
+    @field_validator("syslog_socket")
+    @classmethod
+    def _socket(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("syslog_socket must be an absolute path (a unix socket such as /dev/log)")
+        return v
+
+
+def parse_host_port(spec: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); raise ``ValueError``."""
+    host, sep, port_text = spec.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{spec!r} is not HOST:PORT (an IPv6 address in brackets: [::1]:9894)")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"{spec!r}: an IPv6 address must be written [ADDR]:PORT")
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"{spec!r}: an IPv6 address must be written [ADDR]:PORT")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"{spec!r}: the host has a space")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"{spec!r}: port {port} is out of range")
+    return host, port
+
+
+
+
+class MetricsConfig(Strict):
+    """The Prometheus endpoint (``GET /metrics``); off unless ``listen`` is set."""
+
+    listen: str | None = Field(None, description="HOST:PORT ([ADDR]:PORT for IPv6) to serve /metrics on")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_host_port(v)
+        return v
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when metrics are off."""
+        return parse_host_port(self.listen) if self.listen is not None else None
 
 
 class ControlConfig(Strict):
@@ -295,6 +355,7 @@ class Config(Strict):
     store: StoreConfig = StoreConfig()
     logging: LoggingConfig = LoggingConfig()
     control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
     chain: list[StepConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

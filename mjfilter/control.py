@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class ControlServer:
             return {"ok": True, "message": msg}
         if line == "status":
             rt = self.app.runtime
-            return {"ok": True, "pid": os.getpid(), "config": str(self.app.config_path),
-                    "generation": rt.generation, "steps": [s.name for s in rt.chain.steps]}
+            return {"ok": True, "pid": os.getpid(), "version": __version__, "config": str(self.app.config_path),
+                    "generation": rt.generation, "steps": [s.name for s in rt.chain.steps],
+                    "in_flight": self.app.in_flight, "draining": self.app.draining}
         return {"ok": False, "error": f"unknown command {line!r} (try: reload, status)"}
 
     def start(self) -> None:

@@ -1,14 +1,24 @@
-"""Logging: the Postfix queue id on every line, CR/LF escaped, one summary per transaction."""
+"""Logging: the Postfix queue id on every line, CR/LF escaped, one summary per transaction.
+
+Lines go to standard error (with a timestamp) or to the local syslog daemon
+(``logging.target: syslog``; ident ``mjfilter[PID]``, the configured facility,
+no timestamp: syslog adds its own).
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import logging.handlers
+import os
+import socket
 import sys
 
 queue_id: contextvars.ContextVar[str] = contextvars.ContextVar("queue_id", default="-")
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(queue_id)s]: %(message)s"
+SYSLOG_FORMAT = "%(levelname)s %(name)s[%(queue_id)s]: %(message)s"
+SYSLOG_IDENT = "mjfilter"
 
 
 class QueueIdFilter(logging.Filter):
@@ -37,13 +47,54 @@ def escape(text: str) -> str:
     return text
 
 
-def setup_logging(level: str = "info", stream: object = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+def syslog_handler(facility: str = "mail", address: str = "/dev/log") -> logging.Handler:
+    """A handler that sends to the syslog daemon's unix socket ``address``.
+
+    Like openlog(3), it does not fail when nothing listens there yet: it
+    connects again on every line until the syslog daemon answers.
+    """
+    handler = logging.handlers.SysLogHandler(address=address,
+                                             facility=logging.handlers.SysLogHandler.facility_names[facility])
+    handler.ident = f"{SYSLOG_IDENT}[{os.getpid()}]: "
+    handler.setFormatter(EscapingFormatter(SYSLOG_FORMAT))
+    return handler
+
+
+def syslog_problem(address: str) -> str | None:
+    """Why the syslog socket ``address`` cannot take log lines now, or None when it can."""
+    last: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as s:
+            try:
+                s.connect(address)
+                return None
+            except OSError as e:
+                last = e
+    return f"syslog socket {address} does not answer: {last.strerror if last and last.strerror else last}"
+
+
+def setup_logging(level: str = "info", stream: object = None, target: str = "stderr", facility: str = "mail",
+                  syslog_socket: str = "/dev/log") -> str | None:
+    """Send every log line to ``target`` (``stderr``: ``stream`` or standard error; ``syslog``).
+
+    Returns a warning for the caller to print on standard error when ``target``
+    is syslog and ``syslog_socket`` does not answer now (lines are lost until it does).
+    """
+    handler: logging.Handler
+    problem = None
+    if target == "syslog":
+        problem = syslog_problem(syslog_socket)
+        handler = syslog_handler(facility, syslog_socket)
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+        handler.setFormatter(EscapingFormatter(FORMAT))
     handler.addFilter(QueueIdFilter())
-    handler.setFormatter(EscapingFormatter(FORMAT))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        if isinstance(h, logging.handlers.SysLogHandler):
+            h.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
+    return problem

@@ -196,6 +196,7 @@ class MilterSession(Milter.Base):
             rc = self._apply(outcome, txn, rt)
         except ReinjectError as e:
             log.error("%s", e)
+            self.app.metrics.reinject_failed()
             note = "reinjection failed"
             outcome = tempfail_outcome(str(e), outcome.trace if outcome else None)
             rc = self._reply(outcome.reply)
