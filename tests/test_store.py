@@ -165,3 +165,23 @@ def test_redis_down_is_unavailable(tmp_path):
         s.ping()
     assert time.monotonic() - t0 < 10
     s.close()
+
+
+def test_sqlite_connections_stay_bounded_with_a_thread_per_connection(tmp_path):
+    """libmilter runs each MTA connection on a new thread: the store must not keep a connection per thread."""
+    import os
+
+    path = tmp_path / "state.db"
+    s = open_store(f"sqlite:///{path}", timeout=2)
+
+    def open_files() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(path)))
+
+    for i in range(200):
+        t = threading.Thread(target=lambda i=i: s.reserve([f"k{i}"], "m"))
+        t.start()
+        t.join()
+    assert open_files() <= 3 * 8  # the db, its WAL and shm per pooled connection at most
+    s.close()
+    assert open_files() == 0

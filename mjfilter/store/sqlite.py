@@ -9,12 +9,12 @@ seconds gets ``StoreUnavailable`` (the message gets 451, the client retries).
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 from . import CLAIMED, HELD, TAKEN, CampaignStats, StoreUnavailable, SuppressionEntry, lookup_keys
 
@@ -60,57 +60,81 @@ CREATE TABLE IF NOT EXISTS events (
 
 
 class SQLiteStore:
+    """SQLite behind a small pool of connections.
+
+    Not thread-local connections: libmilter runs every MTA connection on a
+    thread of its own, so a connection per thread would be a connection per
+    message, never closed. A connection is taken from the pool for one
+    operation and given back; at most ``POOL_SIZE`` idle ones are kept.
+    """
+
+    POOL_SIZE = 8
+
     def __init__(self, path: Path, timeout: float = 5.0, keep_events: int = 100000) -> None:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self.timeout = timeout
         self.keep_events = keep_events
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn().executescript(SCHEMA)
+            with self._conn() as db:
+                db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as e:
             raise StoreUnavailable(f"cannot open {self.path}: {e}") from e
 
     # -- plumbing -------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._lock:
-                self._all.append(db)
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    def _run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one operation, back to the pool afterwards."""
         try:
-            return self._conn().execute(sql, args).fetchall()
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+            db = self._idle.get_nowait()
+        except queue.Empty:
+            try:
+                db = self._connect()
+            except sqlite3.Error as e:
+                raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+        try:
+            yield db
+        finally:
+            if self._closed or db.in_transaction or self._idle.qsize() >= self.POOL_SIZE:
+                db.close()
+            else:
+                self._idle.put(db)
+
+    def _run(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._conn() as db:
+            try:
+                return db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; any SQLite error -> ``StoreUnavailable``."""
-        db = self._conn()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException as e:
+        with self._conn() as db:
             try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(e, sqlite3.Error):
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
                 raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
-            raise
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as e:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(e, sqlite3.Error):
+                    raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+                raise
 
     # -- key/value -------------------------------------------------------------
     def ping(self) -> None:
@@ -241,11 +265,9 @@ class SQLiteStore:
                 "rows": counts, "bytes": size}
 
     def close(self) -> None:
-        with self._lock:
-            for db in self._all:
-                try:
-                    db.close()
-                except sqlite3.Error:
-                    pass
-            self._all.clear()
-        self._local = threading.local()
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
