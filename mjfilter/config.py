@@ -192,6 +192,9 @@ class MilterConfig(Strict):
     body_spool_bytes: int = Field(1 << 20, ge=0, description="bodies larger than this go to a temp file")
     max_message_bytes: int = Field(64 << 20, ge=1024, description="larger messages are refused with 552")
     chain_timeout: float = Field(120.0, gt=0, description="seconds one message may spend in the chain")
+    socket_group: str | None = Field("postfix", description="group of a unix: socket (the MTA's group); "
+                                                         "null leaves it as created")
+    socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$", description="permissions of a unix: socket (octal)")
     drain_timeout: float = Field(20.0, ge=0, description="on SIGTERM/SIGINT, seconds to let in-flight "
                                                          "transactions finish before exiting")
 

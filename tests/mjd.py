@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from rig import free_port, wait_port
+from rig import free_port, wait_port, wait_unix
 
 
 class Daemon:
@@ -31,7 +31,8 @@ class Daemon:
 
     @property
     def listen(self) -> str:
-        return f"inet:127.0.0.1:{self.port}"
+        """What the configuration says (inet on a free port unless a test set milter.listen)."""
+        return getattr(self, "_listen", f"inet:127.0.0.1:{self.port}")
 
     def write(self, chain: list[dict[str, Any]] | str, **top: Any) -> None:
         """Write the configuration (a chain, or the raw text of a whole file)."""
@@ -50,6 +51,7 @@ class Daemon:
                 doc[key] = {**doc[key], **value}
             else:
                 doc[key] = value
+        self._listen = doc["milter"]["listen"]
         self.conf.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def mjfilter(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +76,10 @@ class Daemon:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"mjfilter did not become ready:\n{self.log()}")
                 time.sleep(0.05)
-            wait_port("127.0.0.1", self.port, timeout=timeout)
+            if self.listen.startswith("unix:"):
+                wait_unix(self.listen[len("unix:"):], timeout=timeout)
+            else:
+                wait_port("127.0.0.1", self.port, timeout=timeout)
         except BaseException:
             self.stop(timeout=5)  # never leave a daemon behind a failed start
             raise

@@ -196,3 +196,29 @@ def test_make_run_brings_up_a_milter_that_postfix_uses(tmp_path):
         log.close()
     out = (tmp_path / "make-run.log").read_text()
     assert "ready" in out and "INFO mjfilter[-]: stopped" in out and "Traceback" not in out, out
+
+
+
+def test_unix_socket_milter_is_reachable_by_postfix(tmp_path):
+    """Over unix: the socket gets group postfix, so Postfix's smtpd (user postfix) can connect."""
+    import grp as grp_
+
+    from rig import make_traversable
+
+    sock = tmp_path / "run" / "mjfilter.sock"
+    sock.parent.mkdir()
+    make_traversable(sock.parent)
+    with Sink() as sink:
+        daemon = Daemon(tmp_path / "mj", CHAIN, milter={"listen": f"unix:{sock}"}).start()
+        try:
+            st = sock.stat()
+            assert grp_.getgrgid(st.st_gid).gr_name == "postfix" and oct(st.st_mode & 0o777) == "0o660"
+            main = postfix_main_cf(daemon.postfix_config("main"))
+            assert main["smtpd_milters"] == f"unix:{sock}"
+            with PostfixRig(tmp_path / "pf", relay_port=sink.port, main_cf=main) as pf:
+                assert smtp_send(pf.smtp_port, "app@shop.example", ["bob@example.org"],
+                                 eml("all-vendors.eml")).code == 250
+                [got] = sink.wait_for(1)
+                assert b"x-mailjet" not in got.header_block.lower()
+        finally:
+            daemon.stop()

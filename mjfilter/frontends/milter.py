@@ -12,6 +12,7 @@ Fail closed: any error answers 451 4.3.0 with a generic text, details in the log
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import socket
@@ -297,6 +298,18 @@ def _set_nodelay(host: str, port: int) -> bool:
     return False
 
 
+def _socket_permissions(path: str, group: str | None, mode: int) -> None:
+    """Let the MTA reach a unix: socket: its group (``postfix`` by default) and mode."""
+    if group:
+        try:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        except KeyError:
+            log.warning("milter.socket_group %r does not exist: the socket keeps its group", group)
+        except PermissionError:
+            log.warning("cannot give the milter socket group %r (not root?)", group)
+    os.chmod(path, mode)
+
+
 def serve(app: App, on_ready: Callable[[], None] | None = None) -> None:
     """Run the milter until libmilter is told to stop (SIGTERM, SIGINT)."""
     cfg = app.config.milter
@@ -326,7 +339,7 @@ def serve(app: App, on_ready: Callable[[], None] | None = None) -> None:
                     unknown=lambda ctx, cmd: Milter.CONTINUE, negotiate=negotiate)
     milter.opensocket(True)
     if kind == "unix" and path:
-        os.chmod(path, 0o660)
+        _socket_permissions(path, cfg.socket_group, int(cfg.socket_mode, 8))
     elif port:
         if not _set_nodelay(host or "", port):
             log.warning("could not set TCP_NODELAY on the milter socket: expect 40 ms stalls over TCP")
