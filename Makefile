@@ -11,11 +11,12 @@ CONF ?= conf/mjfilter.yaml
 RUN_DEBS := gcc libc6-dev python3-dev python3-venv libmilter-dev
 TEST_DEBS := $(RUN_DEBS) postfix redis-server
 
-.PHONY: run test bench-dedup deps-run deps-test venv venv-test clean help
+.PHONY: run test bench bench-dedup deps-run deps-test venv venv-test clean help
 
 help:
 	@echo "make run    install what is missing, run the milter with $(CONF)"
 	@echo "make test   install what is missing, run the whole test suite (real Postfix included)"
+	@echo "make bench  throughput/latency/CPU/RSS through a real Postfix vs no milter, a no-op milter, OpenDKIM"
 	@echo "make bench-dedup  dedup store throughput and added latency through a real Postfix"
 	@echo "make clean  remove the virtualenv and build leftovers"
 
@@ -24,6 +25,12 @@ run: deps-run venv
 
 test: deps-test venv-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+BENCH_DEBS := $(TEST_DEBS) opendkim opendkim-tools
+bench: deps-test venv-test
+	@DEBS="$(BENCH_DEBS)" ./scripts/install-debs
+	$(PY) -m pip install --quiet 'matplotlib>=3.7'
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 bench-dedup: deps-test venv-test
 	$(PY) bench/dedup.py
