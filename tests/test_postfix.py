@@ -159,6 +159,22 @@ def test_reload_invalid_keeps_chain_valid_takes_effect_same_connection(w, tmp_pa
         assert daemon.mjfilter("reload").returncode == 0
 
 
+def test_no_nagle_stall_over_inet(w):
+    """One SMTP session over an inet: milter: a Nagle/delayed-ACK stall would cap it near 23 msgs/s."""
+    sink, daemon, pf = w
+    assert daemon.listen.startswith("inet:")
+    smtp = smtplib.SMTP("127.0.0.1", pf.smtp_port, timeout=30)
+    smtp.ehlo("client.test.invalid")
+    n = 60
+    t0 = time.perf_counter()
+    for i in range(n):
+        smtp.sendmail("app@shop.example", [f"s{i}@example.org"], eml("plain.eml"))
+    rate = n / (time.perf_counter() - t0)
+    smtp.quit()
+    sink.wait_for(n)
+    assert rate > 50, f"{rate:.0f} msgs/s on one session: the milter stalls (expected several hundred)"
+
+
 def test_with_mjfilter_stopped_postfix_answers_4xx(w):
     sink, daemon, pf = w
     assert daemon.stop() == 0  # SIGTERM: clean exit
