@@ -19,36 +19,12 @@ Prints ``ready`` on stdout once the socket listens; SIGTERM/SIGINT stop it.
 from __future__ import annotations
 
 import os
-import socket
-import stat
 import sys
 
 import Milter
 import milter
 
-try:  # the same helper mjfilter uses
-    from mjfilter.frontends.milter import _set_nodelay
-except ImportError:  # pragma: no cover - mjfilter refactored: a local copy
-    def _set_nodelay(host: str, port: int) -> bool:
-        for fd_name in os.listdir("/proc/self/fd"):
-            try:
-                fd = int(fd_name)
-                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                    continue
-                s = socket.socket(fileno=os.dup(fd))
-            except OSError:
-                continue
-            try:
-                if (s.family in (socket.AF_INET, socket.AF_INET6)
-                        and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                        and s.getsockname()[1] == port):
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return True
-            except OSError:
-                pass
-            finally:
-                s.close()
-        return False
+from mjfilter.frontends.milter import set_nodelay  # the helper mjfilter itself uses
 
 
 class NoOp(Milter.Base):
@@ -125,7 +101,7 @@ def main() -> int:
     milter.opensocket(True)
     if path:
         os.chmod(path, 0o666)
-    elif port and not _set_nodelay(host or "", port):
+    elif port and not set_nodelay(host or "", port):
         print("noop_milter: could not set TCP_NODELAY: expect 40 ms stalls", file=sys.stderr)
     print("ready", flush=True)
     milter.main()

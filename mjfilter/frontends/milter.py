@@ -276,7 +276,7 @@ def _session(ctx: Any, app: App) -> MilterSession:
     return s
 
 
-def _set_nodelay(host: str, port: int) -> bool:
+def set_nodelay(host: str, port: int) -> bool:
     """Set TCP_NODELAY on libmilter's listening socket (accepted sockets inherit it on Linux)."""
     for fd_name in os.listdir("/proc/self/fd"):
         try:
@@ -341,7 +341,7 @@ def serve(app: App, on_ready: Callable[[], None] | None = None) -> None:
     if kind == "unix" and path:
         _socket_permissions(path, cfg.socket_group, int(cfg.socket_mode, 8))
     elif port:
-        if not _set_nodelay(host or "", port):
+        if not set_nodelay(host or "", port):
             log.warning("could not set TCP_NODELAY on the milter socket: expect 40 ms stalls over TCP")
     log.info("milter listening on %s (%d steps: %s)", cfg.listen, len(app.runtime.chain.steps),
              ", ".join(s.name for s in app.runtime.chain.steps) or "none")
