@@ -174,25 +174,34 @@ def _config_error(e: ConfigError) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import App
-    from .control import ControlServer
-    from .frontends.milter import serve
-    from .logsetup import setup_logging
-    from .store import StoreUnavailable
+    from .logsetup import setup_logging, shutdown_logging
 
     try:
         loaded = _load(args)
         app = App(loaded)
     except ConfigError as e:
         return _config_error(e)
+    # libmilter stops on SIGTERM/SIGINT/SIGHUP through sigwait() in a thread of its own.
+    # Block them before any thread starts (the log writer is the first) so every thread
+    # inherits the mask: else the kernel may hand a signal to one of our threads and its
+    # default action kills us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     lcfg = loaded.config.logging
     problem = setup_logging(args.log_level or lcfg.level, target=lcfg.target, facility=lcfg.facility,
-                            syslog_socket=lcfg.syslog_socket)
+                            syslog_socket=lcfg.syslog_socket, background=True)
     if problem:  # mail keeps flowing; the lines are lost until syslog answers (as with openlog(3))
         print(f"mjfilter: warning: {problem}; log lines are lost until it answers", file=sys.stderr)
-    # libmilter stops on SIGTERM/SIGINT/SIGHUP through sigwait() in a thread of its own.
-    # Block them before any thread starts so every thread inherits the mask: else the
-    # kernel may hand a signal to one of our threads and its default action kills us.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    try:
+        return _run(app, loaded)
+    finally:
+        shutdown_logging()  # write every queued line before the process ends
+
+
+def _run(app: Any, loaded: Any) -> int:
+    from .control import ControlServer
+    from .frontends.milter import serve
+    from .store import StoreUnavailable
+
     control = ControlServer(app, loaded.config.control_socket)
     metrics_server: Any = None
     try:

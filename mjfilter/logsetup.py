@@ -8,7 +8,9 @@ no timestamp: syslog adds its own).
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
+import queue
 import logging.handlers
 import os
 import socket
@@ -34,7 +36,7 @@ class EscapingFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        if record.exc_info:
+        if record.exc_info or record.exc_text:
             # keep tracebacks readable: escape only the message part
             head, sep, tail = text.partition("\nTraceback")
             return escape(head) + sep + tail
@@ -73,12 +75,52 @@ def syslog_problem(address: str) -> str | None:
     return f"syslog socket {address} does not answer: {last.strerror if last and last.strerror else last}"
 
 
+class BackgroundHandler(logging.handlers.QueueHandler):
+    """Hands records to one writer thread, so milter threads never wait on the output's lock.
+
+    The record is completed in the logging thread (message merged, queue id and
+    traceback text attached); ``close`` stops the writer after it wrote everything.
+    """
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(queue.SimpleQueue())
+        self.listener = logging.handlers.QueueListener(self.queue, target, respect_handler_level=True)
+        self.listener.start()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+    def close(self) -> None:
+        self.listener.stop()  # writes what is queued, then ends the thread
+        for h in self.listener.handlers:
+            h.close()
+        super().close()
+
+
+def shutdown_logging() -> None:
+    """Flush and stop a background writer (``setup_logging(background=True)``)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, BackgroundHandler):
+            root.removeHandler(h)
+            h.close()
+
+
 def setup_logging(level: str = "info", stream: object = None, target: str = "stderr", facility: str = "mail",
-                  syslog_socket: str = "/dev/log") -> str | None:
+                  syslog_socket: str = "/dev/log", background: bool = False) -> str | None:
     """Send every log line to ``target`` (``stderr``: ``stream`` or standard error; ``syslog``).
 
-    Returns a warning for the caller to print on standard error when ``target``
-    is syslog and ``syslog_socket`` does not answer now (lines are lost until it does).
+    ``background``: write from one thread of its own (the daemon: a milter
+    thread must not wait on the log output); call ``shutdown_logging`` before
+    exiting. Returns a warning for the caller to print on standard error when
+    ``target`` is syslog and ``syslog_socket`` does not answer now (lines are
+    lost until it does).
     """
     handler: logging.Handler
     problem = None
@@ -88,7 +130,10 @@ def setup_logging(level: str = "info", stream: object = None, target: str = "std
     else:
         handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
         handler.setFormatter(EscapingFormatter(FORMAT))
-    handler.addFilter(QueueIdFilter())
+    shutdown_logging()
+    if background:
+        handler = BackgroundHandler(handler)
+    handler.addFilter(QueueIdFilter())  # in the logging thread, where the queue id is set
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -122,3 +122,37 @@ def test_logging_defaults(write_config):
 def test_shipped_configuration_documents_the_syslog_keys():
     text = (Path(__file__).parent.parent / "conf" / "mjfilter.yaml").read_text()
     assert "target:" in text and "facility:" in text and "metrics:" in text
+
+
+def test_background_writer_keeps_queue_id_and_flushes_on_shutdown():
+    """The daemon logs through one writer thread: queue id taken in the logging thread, nothing lost."""
+    import logging
+    import threading
+
+    from mjfilter.logsetup import queue_id, setup_logging, shutdown_logging
+
+    stream = io.StringIO()
+    setup_logging("info", stream, background=True)
+    try:
+        def worker(qid: str) -> None:
+            queue_id.set(qid)
+            for i in range(50):
+                logging.getLogger("mjfilter.txn").info("line %d\r\nforged", i)
+
+        threads = [threading.Thread(target=worker, args=(f"Q{n}",)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("mjfilter").exception("failed")
+    finally:
+        shutdown_logging()
+    out = stream.getvalue()
+    lines = [x for x in out.splitlines() if "mjfilter.txn[" in x]
+    assert len(lines) == 200  # every line written before shutdown returned
+    assert sum("mjfilter.txn[Q2]: line" in x for x in lines) == 50
+    assert all("\\r\\nforged" in x for x in lines)  # still escaped, still one line each
+    assert "Traceback" in out and "ValueError: boom" in out
