@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import threading
 import time
@@ -285,9 +284,3 @@ class App:
             f" route={escape(outcome.route.nexthop)}" if outcome.route else "",
             f" {escape(note)}" if note else "",
         )
-
-
-def open_app(path: str | os.PathLike[str]) -> App:
-    """Load the configuration at ``path`` and prepare an ``App`` (not started)."""
-    return App(load_config(path))
-

@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 Resolver = Callable[..., Any]  # App.resolve: await a list of awaitables
 
 
-class StepFailed(Exception):
-    """A step raised; carries the step name for the logs."""
-
-
 @dataclass(slots=True)
 class Step:
     name: str
@@ -136,7 +132,7 @@ class Chain:
                 trace.append(TraceEntry(step.name, "skipped: when does not match", (time.perf_counter() - t0) * 1e3))
                 continue
             actions.step, actions.allowed = step.name, step.capabilities
-            snapshot = _snapshot(txn, actions)
+            snapshot = _Snapshot.take(txn, actions)
             ran.append(step)
             try:
                 results = self.hooks.message(step.plugin, txn, actions, step.config, app)
@@ -154,7 +150,7 @@ class Chain:
             except Exception as e:
                 ms = (time.perf_counter() - t0) * 1e3
                 if step.on_error == "skip":
-                    _restore(txn, actions, snapshot)
+                    snapshot.restore(txn, actions)
                     log.warning("step %s failed and was skipped (on_error: skip): %s: %s",
                                 step.name, type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
                     trace.append(TraceEntry(step.name, f"error skipped: {type(e).__name__}", ms))
@@ -164,7 +160,7 @@ class Chain:
                 out = tempfail_outcome(f"step {step.name}: {type(e).__name__}: {e}", trace)
                 out.steps_run = ran
                 return out
-            trace.append(TraceEntry(step.name, _describe(actions, snapshot[5], snapshot[8]),
+            trace.append(TraceEntry(step.name, _describe(actions, snapshot.edits, snapshot.notes),
                                     (time.perf_counter() - t0) * 1e3))
         actions.step, actions.allowed = "", None
         if actions.verdict == "accept" and not txn.envelope.recipients:
@@ -194,20 +190,39 @@ class Chain:
                 log.exception("step %s: mjfilter_transaction_end failed", step.name)
 
 
-def _snapshot(txn: Transaction, a: Actions) -> tuple[Any, ...]:
-    env = txn.envelope
-    return (list(txn.message.headers), txn.message.body, env.sender, list(env.recipients), None,
-            len(a.edits), len(a.deliveries), len(a.events), len(a.notes), a.route,
-            a.verdict, a.reply, a.quarantine_reason, a.verdict_step)
+@dataclass(slots=True)
+class _Snapshot:
+    """What one step may change, taken before it runs (``on_error: skip`` puts it back)."""
 
+    headers: list[tuple[str, bytes]]
+    body: Any
+    sender: str
+    recipients: list[str]
+    edits: int
+    deliveries: int
+    events: int
+    notes: int
+    route: Route | None
+    verdict: Verdict
+    reply: Reply | None
+    quarantine_reason: str | None
+    verdict_step: str | None
 
-def _restore(txn: Transaction, a: Actions, s: tuple[Any, ...]) -> None:
-    txn.message.headers[:] = s[0]
-    txn.message.body = s[1]
-    txn.envelope.sender = s[2]
-    txn.envelope.recipients[:] = s[3]
-    del a.edits[s[5]:], a.deliveries[s[6]:], a.events[s[7]:], a.notes[s[8]:]
-    a.route, a.verdict, a.reply, a.quarantine_reason, a.verdict_step = s[9], s[10], s[11], s[12], s[13]
+    @classmethod
+    def take(cls, txn: Transaction, a: Actions) -> "_Snapshot":
+        env = txn.envelope
+        return cls(list(txn.message.headers), txn.message.body, env.sender, list(env.recipients),
+                   len(a.edits), len(a.deliveries), len(a.events), len(a.notes), a.route,
+                   a.verdict, a.reply, a.quarantine_reason, a.verdict_step)
+
+    def restore(self, txn: Transaction, a: Actions) -> None:
+        txn.message.headers[:] = self.headers
+        txn.message.body = self.body
+        txn.envelope.sender = self.sender
+        txn.envelope.recipients[:] = self.recipients
+        del a.edits[self.edits:], a.deliveries[self.deliveries:], a.events[self.events:], a.notes[self.notes:]
+        a.route, a.verdict, a.reply = self.route, self.verdict, self.reply
+        a.quarantine_reason, a.verdict_step = self.quarantine_reason, self.verdict_step
 
 
 def build_steps(loaded: LoadedConfig, hooks: Hooks) -> list[Step]:

@@ -104,10 +104,6 @@ class Hooks:
             self._callers[key] = caller
         return caller
 
-    def implements(self, plugin: str, hook: str) -> bool:
-        target = self._pm.get_plugin(plugin)
-        return any(impl.plugin is target for impl in getattr(self._pm.hook, hook).get_hookimpls())
-
     def config_model(self, plugin: str) -> Any:
         return self._caller("mjfilter_config_model", plugin)()
 

@@ -22,15 +22,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mjfilter import hookimpl
+from mjfilter.actions import ActionError, Reply
 from mjfilter.store import SuppressionEntry
 
 REPLY_PREFIX = "recipient suppressed: "
 MAX_REASON = 100  # characters of an entry's reason that reach an SMTP reply
 ERRORS = {"unsubscribe": "unsubscribed", "bounce": "bounce list"}
-_STATUS = re.compile(r"^([45])\.\d{1,3}\.\d{1,3}$")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")  # SMTP reply text: printable ASCII only
 
 
@@ -45,17 +45,12 @@ class Config(BaseModel):
     default_code: int = Field(550, ge=400, le=599, description="reply code when no entry names one")
     default_status: str = Field("5.7.1", description="enhanced status for default_code")
 
-    @field_validator("default_status")
-    @classmethod
-    def _status(cls, v: str) -> str:
-        if not _STATUS.match(v):
-            raise ValueError(f"{v!r} is not an enhanced status code like 5.7.1")
-        return v
-
     @model_validator(mode="after")
-    def _same_class(self) -> Config:
-        if self.default_status[0] != str(self.default_code)[0]:
-            raise ValueError(f"default_status {self.default_status} does not match default_code {self.default_code}")
+    def _reply(self) -> Config:
+        try:  # the same rules as every reply mjfilter gives (mjfilter.actions.Reply)
+            Reply(self.default_code, self.default_status, REPLY_PREFIX)
+        except ActionError as e:
+            raise ValueError(f"default_code/default_status: {e}") from None
         return self
 
 
