@@ -150,9 +150,16 @@ class Route:
     nexthop: str
     reason: str = ""
     step: str = ""
+    transport: str = ""
+
+    @property
+    def target(self) -> str:
+        """``transport:nexthop`` as Postfix's FILTER action takes it (the nexthop alone without a transport)."""
+        return f"{self.transport}:{self.nexthop}" if self.transport else self.nexthop
 
     def as_dict(self) -> dict[str, str]:
-        return {"nexthop": self.nexthop, "reason": self.reason, "step": self.step}
+        return {"transport": self.transport, "nexthop": self.nexthop, "target": self.target,
+                "reason": self.reason, "step": self.step}
 
 
 @dataclass(slots=True)
@@ -330,10 +337,19 @@ class Actions:
         self.verdict_step = self.step
 
     # -- routing, copies, events ------------------------------------------------
-    def set_route(self, nexthop: str, reason: str = "") -> None:
-        """Choose the next hop (``[host]:port`` or a transport:nexthop the MTA knows)."""
-        check_header_value(nexthop)
-        self.route = Route(nexthop, reason, self.step)
+    def set_route(self, nexthop: str, reason: str = "", transport: str = "") -> None:
+        """Choose the next hop (``[host]:port``; empty: the recipient domain's MX) and the
+        MTA transport to deliver through (empty: the MTA's default).
+
+        ``reason`` says what chose it (a rule, a map entry), for traces and ``check``.
+        """
+        for v in (nexthop, transport, reason):
+            check_header_value(v)
+        if transport and (":" in transport or any(c.isspace() for c in transport)):
+            raise ActionError(f"transport {transport!r} contains ':' or whitespace")
+        if not nexthop and not transport:
+            raise ActionError("set_route needs a nexthop, a transport or both")
+        self.route = Route(nexthop, reason, self.step, transport)
 
     def add_delivery(self, sender: str, recipients: list[str], message: Message) -> None:
         """Hand the MTA an extra copy (content differing per recipient).

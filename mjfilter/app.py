@@ -23,6 +23,8 @@ from .logsetup import escape
 from .metrics import Metrics
 from .model import Transaction
 from .plugins import Hooks, PluginError, PluginInfo, load_plugins, make_plugin_manager, pending_awaitables
+from .routing import MapFileError, Router, RoutingError, open_router
+from .routing.vault import Intake
 from .store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class Runtime:
     hooks: Hooks
     plugins: dict[str, PluginInfo]
     chain: Chain
+    router: Router
     generation: int = 0
     active: int = 0
     retired: bool = False
@@ -58,7 +61,16 @@ def prepare(loaded: LoadedConfig) -> Runtime:
         raise ConfigError([loaded.locate(where, str(e))]) from None
     hooks = Hooks(pm)
     steps = build_steps(loaded, hooks)
-    return Runtime(loaded, hooks, infos, Chain(steps, hooks))
+    cfg = loaded.config
+    try:
+        router = open_router(cfg.routing, loaded.path.resolve().parent, cfg.state_dir)
+    except (MapFileError, ValueError) as e:
+        raise ConfigError([loaded.locate(("routing", "sender_maps"), str(e))]) from None
+    if cfg.routing.enabled and not any(s.use == "route" for s in cfg.chain):
+        raise ConfigError([loaded.locate(("routing",), "routing is configured but no chain step uses the "
+                                                      "`route` plugin: add `- use: route` to the chain")])
+    return Runtime(loaded, hooks, infos, Chain(steps, hooks), router)
+
 
 
 class App:
@@ -81,6 +93,7 @@ class App:
         self._active = 0  # transactions between MAIL FROM and their end, over all runtimes
         self._idle = threading.Condition()
         self.draining = False  # set on shutdown: new transactions are refused with 451
+        self._intake = Intake()  # credential headers per Postfix cleanup process (kept over reloads)
         self.metrics.watch(in_flight=lambda: self._active, generation=lambda: self._runtime.generation)
 
     # -- what plugins use -----------------------------------------------------
@@ -98,6 +111,29 @@ class App:
                 open_store(cfg.store_url, cfg.store.timeout, base=self.config_path.resolve().parent,
                            prefix=cfg.store.prefix, keep_events=cfg.store.keep_events))
         return self._store
+
+    @property
+    def router(self) -> Router:
+        """Next-hop rules of the current configuration (``mjfilter.routing.Router``)."""
+        return self._runtime.router
+
+    def table_lookup(self, table: str, key: str, conn: int = 0) -> tuple[str, str]:
+        """A Postfix table lookup for the socketmap front end: (status, data).
+
+        status is OK, NOTFOUND or TEMP; the data of OK may be a credential and is
+        never logged. ``conn`` numbers the client connection (the ``credential``
+        table keeps state per Postfix cleanup process).
+        """
+        try:
+            router = self._runtime.router
+            if table == "credential":
+                value = self._intake.header(router.vault, self.store, conn, key)
+            else:
+                value = router.lookup(table, key, self.store)
+        except (RoutingError, StoreUnavailable) as e:
+            log.warning("socketmap %s: %s", table, e)
+            return ("TEMP", str(e) if isinstance(e, RoutingError) else "store unavailable")
+        return ("OK", value) if value else ("NOTFOUND", "")
 
     def secret(self, name: str, nbytes: int = 32) -> str:
         """A secret made on first use and kept in the store (shared by every node on Redis).
@@ -135,6 +171,7 @@ class App:
                     self.resolve(pending)
             except Exception:
                 log.exception("step %s: mjfilter_shutdown failed", step.name)
+        rt.router.close()
 
     def reload(self) -> str:
         """Re-read the configuration file; on any error keep the running chain and raise."""
@@ -151,6 +188,9 @@ class App:
             new.generation = old.generation + 1
             self._runtime = new
         warnings = []
+        if (loaded.config.routing.socketmap, loaded.config.routing.enabled) != (
+                old_cfg.routing.socketmap, old_cfg.routing.enabled):
+            warnings.append("routing.socketmap changed: takes effect at the next restart")
         for key in ("milter", "store", "state_dir", "control", "metrics", "logging"):
             if getattr(loaded.config, key) != getattr(old_cfg, key):
                 warnings.append(f"{key} changed: takes effect at the next restart")
@@ -281,6 +321,6 @@ class App:
             "from=<%s> nrcpt=%d size=%d verdict=%s%s steps=[%s] time=%.1fms%s%s",
             escape(txn.envelope.sender), len(txn.envelope.recipients), txn.message.body.size,
             outcome.verdict, reply, steps, elapsed_ms,
-            f" route={escape(outcome.route.nexthop)}" if outcome.route else "",
+            f" route={escape(outcome.route.target)}" if outcome.route else "",
             f" {escape(note)}" if note else "",
         )

@@ -77,8 +77,7 @@ class Outcome:
         return {
             "verdict": self.verdict,
             "reply": self.reply.as_dict() if self.reply else None,
-            "route": self.route.nexthop if self.route else None,
-            "route_reason": self.route.as_dict() if self.route else None,
+            "route": self.route.as_dict() if self.route else None,
             "deliveries": [d.as_dict() for d in self.all_deliveries(txn)],
             "events": [e.as_dict() for e in self.events],
             "trace": [t.as_dict() for t in self.trace],

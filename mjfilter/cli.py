@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         not taken the message (dedup releases its reservations, no event is kept).
 
         --json prints one object: verdict (accept|reject|tempfail|discard|quarantine),
-        reply ({code, status, text} or null), route (next hop or null), deliveries
+        reply ({code, status, text} or null), route ({transport, nexthop, target,
+        reason, step}: the Postfix FILTER target and the rule or map entry that chose
+        it; null: Postfix routes the message itself), deliveries
         (list of {sender, recipients, message}), events, trace (list of {step, action,
         ms}), directives (what the control headers asked), queue_id."""),
                        epilog="example:\n  mjfilter check -c conf/mjfilter.yaml --sender app@example.com "
@@ -204,12 +206,22 @@ def _run(app: Any, loaded: Any) -> int:
 
     control = ControlServer(app, loaded.config.control_socket)
     metrics_server: Any = None
+    socketmap: Any = None
     try:
         app.store.ping()
         app.start()
         control.start()
         log.info("mjfilter %s: configuration %s, store %s, control socket %s", __version__, loaded.path,
                  app.store.url, loaded.config.control_socket)  # store.url has any password masked
+        routing = loaded.config.routing
+        if routing.enabled:
+            from .frontends.socketmap import Answer, SocketmapServer
+
+            socketmap = SocketmapServer(routing.socketmap,
+                                        lambda table, key, conn: Answer(*app.table_lookup(table, key, conn)),
+                                        with_connection=True, socket_group=loaded.config.milter.socket_group)
+            app.resolve([socketmap.start()])
+            log.info("socketmap on %s (tables sasl, mqsasl, relayhost, transport, credential)", socketmap.address)
         address = loaded.config.metrics.address
         if address is not None:
             from prometheus_client import start_http_server
@@ -232,6 +244,11 @@ def _run(app: Any, loaded: Any) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
+        if socketmap is not None:
+            try:
+                app.resolve([socketmap.close()], timeout=5)
+            except Exception as e:  # still close the rest
+                log.warning("socketmap close: %s", e)
         control.stop()
         app.close()
     log.info("stopped")
@@ -267,7 +284,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     reply = r.outcome.reply
     out.write(f"verdict: {r.outcome.verdict}" + (f" ({reply.code} {reply.status} {reply.text})" if reply else "") + "\n")
     if r.outcome.route:
-        out.write(f"route: {r.outcome.route.nexthop} ({r.outcome.route.reason or r.outcome.route.step})\n")
+        out.write(f"route: {r.outcome.route.target} (chosen by {r.outcome.route.reason or r.outcome.route.step})\n")
     for ev in r.outcome.events:
         out.write(f"event: {json.dumps(ev.as_dict())}\n")
     for i, d in enumerate(r.outcome.all_deliveries(r.txn), 1):
@@ -320,7 +337,16 @@ def cmd_postfix_config(args: argparse.Namespace) -> int:
         loaded = _load(args)
     except ConfigError as e:
         return _config_error(e)
-    sys.stdout.write(render(loaded.config, main=not args.master, master=not args.main))
+    from .app import prepare
+
+    try:
+        rt = prepare(loaded)
+    except ConfigError as e:
+        return _config_error(e)
+    try:
+        sys.stdout.write(render(loaded.config, main=not args.master, master=not args.main, router=rt.router))
+    finally:
+        rt.router.close()
     return EXIT_OK
 
 

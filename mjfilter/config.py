@@ -349,6 +349,242 @@ class StepConfig(Strict):
         return self.name or self.use
 
 
+# -- routing ------------------------------------------------------------------------
+TlsPolicy = Literal["none", "may", "required", "implicit"]
+TLS_POLICIES: tuple[str, ...] = ("none", "may", "required", "implicit")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TRANSPORT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+class SmarthostConfig(Strict):
+    """One relay mjfilter can route to (MailerQ ``smarthost``, Postfix ``relayhost``)."""
+
+    host: str = Field(description="host name or IP address")
+    port: int | None = Field(None, ge=1, le=65535, description="default 25, or 465 with tls: implicit")
+    mx: bool = Field(False, description="look up MX records of host (Postfix host:port) instead of "
+                                        "connecting to host itself ([host]:port)")
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    tls: TlsPolicy = Field("may", description="none | may (STARTTLS if offered) | required (STARTTLS "
+                                               "or fail) | implicit (TLS from the first byte, port 465)")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not v or any(c in v for c in " \t\r\n[]:,") and not _is_ipv6(v):
+            raise ValueError(f"{v!r} is not a host name or IP address (write the port in `port:`)")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "SmarthostConfig":
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together (neither means no AUTH)")
+        for v in (self.username, self.password):
+            if v is not None and (not v or any(c in v for c in "\r\n\0")):
+                raise ValueError("username/password must be non-empty and have no CR, LF or NUL")
+        if self.username is not None and ":" in self.username:
+            raise ValueError("username must not contain ':' (Postfix separates user:password at the first one)")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else (465 if self.tls == "implicit" else 25)
+
+
+def _is_ipv6(v: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(v), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+class PostfixMapsSource(Strict):
+    """Postfix map source files, read directly (the text files ``postmap`` compiles)."""
+
+    relay: str | None = Field(None, description="sender_dependent_relayhost_maps source: KEY [host]:port")
+    sasl: str | None = Field(None, description="smtp_sasl_password_maps source: KEY user:password, "
+                                               "KEY a sender (user@domain, @domain) or a next hop [host]:port")
+
+    @model_validator(mode="after")
+    def _some(self) -> "PostfixMapsSource":
+        if self.relay is None and self.sasl is None:
+            raise ValueError("give `relay:`, `sasl:` or both")
+        return self
+
+
+class SqlMapSource(Strict):
+    """An SQL table of sender -> relay host (iRedMail ``sender_relayhost(account, relayhost)``)."""
+
+    url: str = Field(description="sqlite:///PATH, postgresql://USER:PASS@HOST/DB, mysql+pymysql://...")
+    query: str = Field("SELECT relayhost FROM sender_relayhost WHERE account = :account",
+                       description="returns the relay host for :account (user@domain or @domain)")
+    timeout: float = Field(5.0, gt=0)
+
+    @field_validator("query")
+    @classmethod
+    def _account(cls, v: str) -> str:
+        if ":account" not in v:
+            raise ValueError("the query must use the bind parameter :account")
+        return v
+
+
+class SenderMapSource(Strict):
+    """One source of sender-dependent relay rules: exactly one of inline, postfix, sql."""
+
+    inline: dict[str, str] | None = Field(None, description="KEY -> smarthost name or [host]:port")
+    postfix: PostfixMapsSource | None = None
+    sql: SqlMapSource | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SenderMapSource":
+        given = [k for k in ("inline", "postfix", "sql") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("each sender_maps entry is exactly one of inline:, postfix:, sql:")
+        for key, value in (self.inline or {}).items():
+            check_map_key(key)
+            parse_relay(value)
+        return self
+
+
+class PerMessageRule(Strict):
+    """Who may name a smarthost in x-mq-smarthost-* headers, and which hosts."""
+
+    auth_user: StrList | None = Field(None, description="globs on the SMTP AUTH user")
+    sender: StrList | None = Field(None, description="globs on the envelope sender")
+    hosts: StrList = Field(description="host name globs (*.example.net), IP addresses or CIDR networks")
+    allow_private: bool = Field(False, description="also loopback/private/link-local addresses for these hosts")
+
+    @field_validator("auth_user", "sender", "hosts", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _who(self) -> "PerMessageRule":
+        if self.auth_user is None and self.sender is None:
+            raise ValueError("a per_message rule needs auth_user:, sender: or both (who it allows)")
+        if not self.hosts:
+            raise ValueError("hosts: must list at least one host")
+        return self
+
+
+class PerMessageConfig(Strict):
+    """MailerQ per-message smarthost (x-mq-smarthost-hostname/-port/-username/-password)."""
+
+    allow: list[PerMessageRule] = Field(default_factory=list, description="empty: nobody may")
+    ports: list[int] = Field([25, 465, 587, 2525], description="ports a header may name")
+    tls: TlsPolicy = "may"
+    credential_ttl: float = Field(5 * 86400, gt=0, description="seconds per-message credentials are kept "
+                                                               "for Postfix (its maximal_queue_lifetime)")
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for p in v:
+            if not 1 <= p <= 65535:
+                raise ValueError(f"port {p} is out of range")
+        return v
+
+
+class SinkConfig(Strict):
+    """smtp-sink debug mode (MailerQ smtp-sink-*): every delivery connects here."""
+
+    host: str
+    port: int = Field(25, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    tls: TlsPolicy = "none"
+
+
+class RoutingConfig(Strict):
+    """Next-hop selection: smarthosts, sender maps, per-message smarthosts, priorities, sink."""
+
+    socketmap: str = Field("inet:127.0.0.1:8895", description="inet:HOST:PORT or unix:/PATH where Postfix "
+                                                              "asks for SASL credentials and relay hosts "
+                                                              "(served only when routing is configured)")
+    transport: str = Field("mjfilter", description="name prefix of the Postfix transports mjfilter routes to")
+    tls: TlsPolicy = Field("may", description="TLS policy of a relay host from a map that is not one "
+                                              "of the smarthosts")
+    smarthosts: dict[str, SmarthostConfig] = Field(default_factory=dict)
+    default: str | None = Field(None, description="smarthost name or [host]:port for mail no rule "
+                                                  "routes (null: Postfix's own routing)")
+    sender_maps: list[SenderMapSource] = Field(default_factory=list)
+    recipient_delimiter: str = Field("+", description="Postfix recipient_delimiter: user+ext@domain "
+                                                      "also tries user@domain")
+    per_message: PerMessageConfig = PerMessageConfig()
+    priority: dict[int, str] = Field(default_factory=dict, description="X-Mailjet-Prio level (0-3) -> "
+                                                                       "Postfix transport name")
+    sink: SinkConfig | None = None
+
+    @field_validator("socketmap")
+    @classmethod
+    def _socketmap(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any rule can route a message (else the route step and the socketmap idle)."""
+        return bool(self.default or self.sender_maps or self.per_message.allow or self.priority or self.sink)
+
+    @field_validator("transport")
+    @classmethod
+    def _transport(cls, v: str) -> str:
+        if not _TRANSPORT.match(v):
+            raise ValueError(f"{v!r}: a transport name is lowercase letters, digits, - and _")
+        return v
+
+    @field_validator("smarthosts")
+    @classmethod
+    def _names(cls, v: dict[str, SmarthostConfig]) -> dict[str, SmarthostConfig]:
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r}: a smarthost name is letters, digits, '.', '-', '_'")
+        return v
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, v: dict[int, str]) -> dict[int, str]:
+        for level, transport in v.items():
+            if not 0 <= level <= 3:
+                raise ValueError(f"priority level {level}: X-Mailjet-Prio levels are 0..3")
+            if not _TRANSPORT.match(transport):
+                raise ValueError(f"{transport!r}: a transport name is lowercase letters, digits, - and _")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> "RoutingConfig":
+        values = [self.default] if self.default else []
+        values += [v for src in self.sender_maps for v in (src.inline or {}).values()]
+        for value in values:
+            if value not in self.smarthosts:
+                parse_relay(value)  # not a name: must be [host]:port
+        if len(self.recipient_delimiter) > 1:
+            raise ValueError("recipient_delimiter is one character (or empty: none)")
+        return self
+
+
+def parse_relay(value: str) -> tuple[str, int, bool]:
+    """Postfix relay syntax: ``[host]:port``, ``[host]``, ``host:port``, ``host`` -> (host, port, mx)."""
+    v = value.strip()
+    m = re.fullmatch(r"\[([^\]\s]+)\](?::(\d{1,5}))?|([^\s\[\]:,]+)(?::(\d{1,5}))?", v)
+    if not m:
+        raise ValueError(f"{value!r} is not a smarthost name or [host]:port")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4) or 25)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{value!r}: port {port} is out of range")
+    return host, port, m.group(1) is None
+
+
+def check_map_key(key: str) -> str:
+    """A sender map key: ``user@domain``, ``user+ext@domain`` or ``@domain``."""
+    k = key.strip()
+    if not k or k.count("@") != 1 or k.endswith("@") or any(c.isspace() for c in k):
+        raise ValueError(f"{key!r}: a sender map key is user@domain or @domain")
+    return k
+
+
 class Config(Strict):
     """The whole configuration file."""
 
@@ -359,6 +595,7 @@ class Config(Strict):
     logging: LoggingConfig = LoggingConfig()
     control: ControlConfig = ControlConfig()
     metrics: MetricsConfig = MetricsConfig()
+    routing: RoutingConfig = RoutingConfig()
     chain: list[StepConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -39,6 +39,8 @@ class Smarthost:
     port: int = 25
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    # Behind Postfix: a token for username and password, kept by mjfilter (see routing.vault)
+    credential_ref: str | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         """Public view: the password is never shown, only whether there is one."""
@@ -46,7 +48,7 @@ class Smarthost:
             "hostname": self.hostname,
             "port": self.port,
             "username": self.username,
-            "password": "***" if self.password else None,
+            "password": "***" if self.password or self.credential_ref else None,
         }
 
 

@@ -1,7 +1,11 @@
 """MailerQ headers: ``x-mq-*``.
 
 ``x-mq-smarthost-hostname``/``-port``/``-username``/``-password`` make a
-per-message ``Smarthost``; ``x-mq-tag`` adds tags; ``x-mq-inlinecss`` switches
+per-message ``Smarthost``. Behind Postfix the username and password headers never
+reach the milter: cleanup's ``header_checks`` hand them to mjfilter's socketmap,
+which keeps them encrypted and leaves ``x-mq-smarthost-username-ref: TOKEN`` in
+their place (``mjfilter.routing.vault``); the ``Smarthost`` then carries
+``credential_ref``; ``x-mq-tag`` adds tags; ``x-mq-inlinecss`` switches
 CSS inlining; every other ``x-mq-*`` header becomes a message property (name
 without the prefix, lowercased). The password never appears in a Problem.
 """
@@ -24,7 +28,8 @@ HOSTNAME = "x-mq-smarthost-hostname"
 PORT = "x-mq-smarthost-port"
 USERNAME = "x-mq-smarthost-username"
 PASSWORD = "x-mq-smarthost-password"
-SMARTHOST_HEADERS = (HOSTNAME, PORT, USERNAME, PASSWORD)
+CREDENTIAL_REF = "x-mq-smarthost-username-ref"
+SMARTHOST_HEADERS = (HOSTNAME, PORT, USERNAME, PASSWORD, CREDENTIAL_REF)
 TAG = "x-mq-tag"
 INLINECSS = "x-mq-inlinecss"
 DEFAULT_PORT = 25
@@ -93,7 +98,7 @@ def bare_host(value: str) -> str:
 def _smarthost(result: DialectResult, first: dict[str, Header]) -> None:
     """Build ``smarthost`` from the ``x-mq-smarthost-*`` headers, or record why not."""
     if HOSTNAME not in first:
-        for lname in (PORT, USERNAME, PASSWORD):
+        for lname in (PORT, USERNAME, PASSWORD, CREDENTIAL_REF):
             if lname in first:
                 name, value = first[lname]
                 result.problem(name, value, "needs x-mq-smarthost-hostname: no smarthost")
@@ -113,9 +118,11 @@ def _smarthost(result: DialectResult, first: dict[str, Header]) -> None:
         port = parsed
     username = first[USERNAME][1] if USERNAME in first else ""
     password = first[PASSWORD][1] if PASSWORD in first else ""
+    ref = first[CREDENTIAL_REF][1] if CREDENTIAL_REF in first and not (username or password) else ""
     if bool(username) != bool(password):
         present = first[USERNAME] if username else first[PASSWORD]
         missing = "x-mq-smarthost-password" if username else "x-mq-smarthost-username"
         result.problem(present[0], present[1], f"without {missing}: smarthost used without authentication")
-        username = password = ""
-    result.set("smarthost", Smarthost(bare_host(host), port, username or None, password or None), host_name)
+        username = password = ref = ""
+    result.set("smarthost", Smarthost(bare_host(host), port, username or None, password or None, ref or None),
+               host_name)

@@ -244,7 +244,7 @@ class MilterSession(Milter.Base):
             elif isinstance(edit, DeleteRecipient):
                 self.delrcpt(f"<{edit.recipient}>")
         if outcome.route is not None:
-            self.addheader(ROUTE_HEADER, outcome.route.nexthop)
+            self.addheader(ROUTE_HEADER, outcome.route.target)
         if outcome.verdict == "quarantine":
             self.quarantine(outcome.quarantine_reason or "held by mjfilter")
         return Milter.CONTINUE
