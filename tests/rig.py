@@ -54,6 +54,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -68,7 +69,7 @@ from typing import NamedTuple, Self
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as AioSMTP
-from aiosmtpd.smtp import Envelope, Session
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 LOOPBACK = "127.0.0.1"
 _POLL = 0.05  # seconds between readiness probes
@@ -159,6 +160,8 @@ class Received:
     data: bytes  # raw DATA bytes, dot-unstuffed, CRLF line endings, not decoded
     mail_options: list[str] = field(default_factory=list)  # MAIL FROM ESMTP args (SIZE=, BODY=, RET=, ENVID=)
     rcpt_options: list[str] = field(default_factory=list)  # RCPT TO ESMTP args of all recipients (NOTIFY=, ORCPT=)
+    auth_user: str | None = None  # the login the client authenticated as (sinks with ``users``)
+    tls: bool = False  # the session was encrypted (STARTTLS)
 
     @property
     def header_block(self) -> bytes:
@@ -192,6 +195,8 @@ class _Recorder:
         raw = envelope.original_content
         if raw is None:  # pragma: no cover - aiosmtpd always sets it
             raw = envelope.content if isinstance(envelope.content, bytes) else b""
+        login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
+        tls = session.ssl is not None
         self._sink._record(
             Received(
                 mail_from=envelope.mail_from or "",
@@ -199,9 +204,38 @@ class _Recorder:
                 data=bytes(raw),
                 mail_options=list(envelope.mail_options),
                 rcpt_options=list(envelope.rcpt_options),
+                auth_user=login.decode("utf-8", "replace") if login is not None else None,
+                tls=tls,
             )
         )
         return "250 OK sink"
+
+
+@cache
+def _self_signed_context() -> ssl.SSLContext:
+    """A server TLS context with a throwaway self-signed certificate for 127.0.0.1."""
+    import datetime
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sink.test.invalid")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2)).sign(key, hashes.SHA256()))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (Path(d) / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+        ctx.load_cert_chain(Path(d) / "cert.pem", Path(d) / "key.pem")
+    return ctx
 
 
 class Sink:
@@ -209,10 +243,15 @@ class Sink:
 
     ``port`` is chosen free unless given (give the old port to "restart" a sink after
     :meth:`stop`). Messages are kept in arrival order; access is thread-safe.
+    With ``users`` ({login: password}) the sink requires SMTP AUTH (PLAIN/LOGIN, no
+    TLS needed) and records who authenticated; wrong credentials get 535.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, starttls: bool = False) -> None:
         self.port: int = port if port is not None else free_port()
+        self.users = dict(users) if users else None
+        self.starttls = starttls  # offer and require STARTTLS (a self-signed certificate)
+        self.auth_failures = 0
         self._lock = threading.Condition()
         self._messages: list[Received] = []
         self._controller: Controller | None = None
@@ -229,6 +268,9 @@ class Sink:
             decode_data=False,
             enable_SMTPUTF8=True,
             ready_timeout=10.0,
+            **({"auth_required": True, "auth_require_tls": self.starttls, "authenticator": self._authenticate}
+               if self.users is not None else {}),
+            **({"tls_context": _self_signed_context(), "require_starttls": True} if self.starttls else {}),
         )
         controller.start()
         self._controller = controller
@@ -248,6 +290,16 @@ class Sink:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+    def _authenticate(self, server: AioSMTP, session: Session, envelope: Envelope, mechanism: str,
+                      auth_data: object) -> AuthResult:
+        ok = (isinstance(auth_data, LoginPassword) and self.users is not None
+              and self.users.get(auth_data.login.decode("utf-8", "replace")) == auth_data.password.decode(
+                  "utf-8", "replace"))
+        if not ok:
+            with self._lock:
+                self.auth_failures += 1
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
     # -- records
     def _record(self, msg: Received) -> None:
@@ -418,6 +470,7 @@ _SERVICES: list[tuple[str, str, str, str, str, str, str]] = [
     ("pickup", "unix", "n", "-", "60", "1", "pickup"),
     ("cleanup", "unix", "n", "-", "-", "0", "cleanup"),
     ("qmgr", "unix", "n", "-", "300", "1", "qmgr"),
+    ("tlsmgr", "unix", "-", "-", "1000?", "1", "tlsmgr"),  # the smtp client's TLS (tls: required)
     ("rewrite", "unix", "-", "-", "-", "-", "trivial-rewrite"),
     ("bounce", "unix", "-", "-", "-", "0", "bounce"),
     ("defer", "unix", "-", "-", "-", "0", "bounce"),

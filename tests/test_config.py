@@ -23,7 +23,7 @@ def problems(tmp_path: Path, text: str) -> list[str]:
 
 def test_shipped_configuration_is_valid():
     rt = prepare(load_config(ROOT / "conf" / "mjfilter.yaml"))
-    assert [s.plugin for s in rt.chain.steps] == ["headers", "suppression", "dedup"]
+    assert [s.plugin for s in rt.chain.steps] == ["headers", "suppression", "dedup", "route"]
 
 
 def test_duplicate_key(tmp_path):

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
 
-def postfix_config(part: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "mjfilter", "postfix-config", "-c", str(ROOT / "conf/mjfilter.yaml"),
-                        f"--{part}"], capture_output=True, text=True, timeout=60, check=True)
+def postfix_config(part: str, conf: str = "conf/mjfilter.yaml") -> str:
+    env = {**os.environ, "MJFILTER_SMARTHOST_PASSWORD": "unused"}
+    r = subprocess.run([sys.executable, "-m", "mjfilter", "postfix-config", "-c", str(ROOT / conf),
+                        f"--{part}"], capture_output=True, text=True, timeout=60, check=True, env=env)
     return r.stdout
+
+
+@pytest.mark.parametrize("scenario", ["mailjet", "mailerq"])
+@pytest.mark.parametrize("part", ["main", "master"])
+def test_routing_scenario_snippets_are_what_postfix_config_prints(scenario: str, part: str) -> None:
+    assert snippet(f"{scenario}/{part}.cf") == postfix_config(part, f"contrib/postfix/{scenario}/mjfilter.yaml")
 
 
 def snippet(name: str) -> str:
