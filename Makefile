@@ -9,7 +9,7 @@ CONF ?= conf/mjfilter.yaml
 
 # Debian packages: building pymilter, the venv; Postfix and Redis for the integration tests.
 RUN_DEBS := gcc libc6-dev python3-dev python3-venv libmilter-dev
-TEST_DEBS := $(RUN_DEBS) postfix redis-server postgresql
+TEST_DEBS := $(RUN_DEBS) postfix redis-server postgresql slapd ldap-utils
 
 .PHONY: run test bench bench-dedup deps-run deps-test venv venv-test clean help
 
