@@ -295,6 +295,7 @@ class Ctx:
     base: Path
     run_dir: Path
     stack: ExitStack
+    sink_port: int = 0  # where Postfix relays (smtp-sink): a smarthost route can point there too
 
 
 def listen_for(ctx: Ctx, socket_type: str, name: str) -> str:
@@ -340,12 +341,25 @@ def default_chain() -> list[dict[str, Any]]:
     return list(yaml.safe_load((ROOT / "conf" / "mjfilter.yaml").read_text())["chain"])
 
 
+def routing_to_sink(ctx: Ctx) -> dict[str, Any]:
+    """Routing that sends everything to the sink as a smarthost, through mjfilter's transports."""
+    return {"routing": {
+        "socketmap": f"inet:{LOOPBACK}:{free_port()}",
+        "tls": "none",
+        "smarthosts": {"relay": {"host": LOOPBACK, "port": ctx.sink_port, "tls": "none"}},
+        "default": "relay",
+        "sender_maps": [{"inline": {"@elsewhere.example": "relay"}}],
+        "priority": {3: "mjfilter-urgent"},
+    }}
+
+
 def setup_mjfilter(socket_type: str, chain: Callable[[], list[dict[str, Any]]] = default_chain,
-                   **top: Any) -> Callable[[Ctx], Milter]:
-    """mjfilter run with ``chain`` (default: the shipped one); ``top``: more top-level settings."""
+                   more: Callable[[Ctx], dict[str, Any]] | None = None, **top: Any) -> Callable[[Ctx], Milter]:
+    """mjfilter run with ``chain`` (default: the shipped one); ``top`` (and ``more(ctx)``): more
+    top-level settings."""
     def setup(ctx: Ctx) -> Milter:
         listen = {"milter": {"listen": f"unix:{ctx.base / 'mjfilter.sock'}"}} if socket_type == "unix" else {}
-        daemon = Daemon(ctx.base / "mj", chain(), **listen, **top)
+        daemon = Daemon(ctx.base / "mj", chain(), **listen, **top, **(more(ctx) if more else {}))
         ctx.stack.callback(daemon.stop)
         daemon.start()
         assert daemon.proc is not None
@@ -387,10 +401,12 @@ SCENARIOS: list[Scenario] = [
              about="shipped chain, campaign dedup asked by the headers, SQLite store"),
     Scenario("mjfilter-dedup-unix", setup_mjfilter("unix"), "unix", DEDUP_HEADERS,
              about="shipped chain, campaign dedup asked by the headers, SQLite store"),
-    # TODO(routing, arrives with its own issue): dedup + smarthost routing chosen by the headers, e.g.
-    # Scenario("mjfilter-dedup-routing-unix",
-    #          setup_mjfilter("unix", lambda: default_chain() + [{"use": "routing", "config": {...}}]),
-    #          "unix", DEDUP_HEADERS + ["X-Mailjet-...: ..."], about="dedup + routing"),
+    Scenario("mjfilter-dedup-routing-inet", setup_mjfilter("inet", more=routing_to_sink), "inet",
+             DEDUP_HEADERS + ["X-Mailjet-Prio: 3"],
+             about="shipped chain + routing: dedup, the smarthost and Prio 3's transport via the route header"),
+    Scenario("mjfilter-dedup-routing-unix", setup_mjfilter("unix", more=routing_to_sink), "unix",
+             DEDUP_HEADERS + ["X-Mailjet-Prio: 3"],
+             about="shipped chain + routing: dedup, the smarthost and Prio 3's transport via the route header"),
     # TODO(templating, tracking): same shape, their chain step(s) and the headers that switch them on.
 ]
 
@@ -480,7 +496,7 @@ def run_scenario(sc: Scenario, args: argparse.Namespace, run_dir: Path, index: i
     with ExitStack() as stack:
         sink = SmtpSink(base).start()
         stack.callback(sink.stop)
-        milter = sc.setup(Ctx(base, run_dir, stack)) if sc.setup else None
+        milter = sc.setup(Ctx(base, run_dir, stack, sink.port)) if sc.setup else None
         pf = PostfixRig(base / "postfix", relay_port=sink.port,
                         main_cf=milter.main_cf if milter else {}, master_cf=milter.master_cf if milter else "")
         stack.enter_context(pf)
@@ -612,10 +628,14 @@ def targets(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
             out.append((f"p99 added latency 2 KB, default chain {sock}: < 20 ms", one.added_p99 < 20,
                         f"{one.added_p99:.2f} ms (p50 +{one.added_p50:.2f} ms)"))
         for s in (1, 20):
-            d, noop = by.get((f"mjfilter-dedup-{sock}", "100KB", s)), by.get((f"noop-{sock}", "100KB", s))
-            if d and noop and noop.rate:
-                out.append((f"dedup SQLite 100 KB {s} session(s) {sock}: >= 0.7x no-op {sock} (routing: not yet)",
-                            d.rate >= 0.7 * noop.rate, f"{d.rate:.0f} vs {noop.rate:.0f}/s = {d.rate / noop.rate:.2f}x"))
+            noop = by.get((f"noop-{sock}", "100KB", s))
+            for name, what in ((f"mjfilter-dedup-routing-{sock}", "dedup SQLite + routing"),
+                               (f"mjfilter-dedup-{sock}", "dedup SQLite (no routing)")):
+                d = by.get((name, "100KB", s))
+                if d and noop and noop.rate:
+                    out.append((f"{what} 100 KB {s} session(s) {sock}: >= 0.7x no-op {sock}",
+                                d.rate >= 0.7 * noop.rate,
+                                f"{d.rate:.0f} vs {noop.rate:.0f}/s = {d.rate / noop.rate:.2f}x"))
     return out
 
 

@@ -116,8 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("postfix-config", help="print the Postfix main.cf/master.cf lines this configuration needs",
                        formatter_class=HelpFormatter, description=textwrap.dedent("""\
         Print the main.cf parameters (smtpd_milters, milter_default_action = tempfail,
-        timeouts, macros) and the master.cf reinjection listener this configuration
-        needs. The test suite installs exactly this output into a real Postfix."""))
+        timeouts, macros, header_checks that keep credential headers out of the queue
+        file) and the master.cf reinjection listener this configuration needs. With
+        routing configured, also milter_header_checks (the route header becomes
+        FILTER transport:nexthop), one master.cf transport per TLS policy and
+        priority (SASL credentials from mjfilter's socketmap), and, commented, the
+        sender_dependent_*_maps alternative. The test suite installs exactly this
+        output into a real Postfix."""))
     add_config(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--main", action="store_true", help="print only the main.cf lines")

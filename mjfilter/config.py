@@ -428,18 +428,42 @@ class SqlMapSource(Strict):
         return v
 
 
+class LdapMapSource(Strict):
+    """iRedMail's LDAP attribute ``senderRelayHost`` on the user or the domain entry."""
+
+    url: str = Field(description="ldap://HOST:PORT or ldaps://HOST:PORT")
+    base: str = Field(description="search base, e.g. o=domains,dc=example,dc=com")
+    bind_dn: str | None = None
+    bind_password: str | None = Field(None, repr=False)
+    user_filter: str = Field("(&(objectClass=mailUser)(mail={address}))", description="for user@domain keys")
+    domain_filter: str = Field("(&(objectClass=mailDomain)(domainName={domain}))", description="for @domain keys")
+    attribute: str = "senderRelayHost"
+    timeout: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _filters(self) -> "LdapMapSource":
+        if "{address}" not in self.user_filter:
+            raise ValueError("user_filter must contain {address}")
+        if "{domain}" not in self.domain_filter:
+            raise ValueError("domain_filter must contain {domain}")
+        if (self.bind_dn is None) != (self.bind_password is None):
+            raise ValueError("bind_dn and bind_password go together (neither: anonymous)")
+        return self
+
+
 class SenderMapSource(Strict):
-    """One source of sender-dependent relay rules: exactly one of inline, postfix, sql."""
+    """One source of sender-dependent relay rules: exactly one of inline, postfix, sql, ldap."""
 
     inline: dict[str, str] | None = Field(None, description="KEY -> smarthost name or [host]:port")
     postfix: PostfixMapsSource | None = None
     sql: SqlMapSource | None = None
+    ldap: LdapMapSource | None = None
 
     @model_validator(mode="after")
     def _one(self) -> "SenderMapSource":
-        given = [k for k in ("inline", "postfix", "sql") if getattr(self, k) is not None]
+        given = [k for k in ("inline", "postfix", "sql", "ldap") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("each sender_maps entry is exactly one of inline:, postfix:, sql:")
+            raise ValueError("each sender_maps entry is exactly one of inline:, postfix:, sql:, ldap:")
         for key, value in (self.inline or {}).items():
             check_map_key(key)
             parse_relay(value)
@@ -494,6 +518,12 @@ class SinkConfig(Strict):
     username: str | None = None
     password: str | None = Field(None, repr=False)
     tls: TlsPolicy = "none"
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "SinkConfig":
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together (neither means no AUTH)")
+        return self
 
 
 class RoutingConfig(Strict):
@@ -550,10 +580,21 @@ class RoutingConfig(Strict):
                 raise ValueError(f"priority level {level}: X-Mailjet-Prio levels are 0..3")
             if not _TRANSPORT.match(transport):
                 raise ValueError(f"{transport!r}: a transport name is lowercase letters, digits, - and _")
+            if transport in POSTFIX_SERVICES:
+                raise ValueError(f"priority transport {transport!r} is a stock Postfix service name: pick another")
         return v
 
     @model_validator(mode="after")
     def _references(self) -> "RoutingConfig":
+        seen: dict[str, str] = {}  # every transport name mjfilter can print -> what makes it
+        for base in [self.transport, *dict.fromkeys(self.priority.values())]:
+            names = [f"{base}{mq}-{t}" for mq in ("", "-mq") for t in TLS_POLICIES]
+            names += [base] if base != self.transport else []
+            for name in names:
+                if name in seen and seen[name] != base:
+                    raise ValueError(f"transport name {name!r} would come from both {seen[name]!r} and {base!r} "
+                                     "(routing.transport, routing.priority): pick other names")
+                seen[name] = base
         values = [self.default] if self.default else []
         values += [v for src in self.sender_maps for v in (src.inline or {}).values()]
         for value in values:
@@ -564,6 +605,14 @@ class RoutingConfig(Strict):
         return self
 
 
+# master.cf services of a stock Postfix: a priority transport must not take their names.
+POSTFIX_SERVICES = frozenset({
+    "smtp", "relay", "local", "virtual", "lmtp", "error", "retry", "discard", "pickup", "cleanup", "qmgr",
+    "tlsmgr", "rewrite", "bounce", "defer", "trace", "verify", "flush", "proxymap", "proxywrite", "showq",
+    "anvil", "scache", "postlog", "smtpd", "submission", "submissions", "smtps", "uucp", "maildrop", "pipe",
+})
+
+
 def parse_relay(value: str) -> tuple[str, int, bool]:
     """Postfix relay syntax: ``[host]:port``, ``[host]``, ``host:port``, ``host`` -> (host, port, mx)."""
     v = value.strip()
@@ -571,6 +620,8 @@ def parse_relay(value: str) -> tuple[str, int, bool]:
     if not m:
         raise ValueError(f"{value!r} is not a smarthost name or [host]:port")
     host = m.group(1) or m.group(3)
+    if host.lower().startswith("ipv6:"):  # Postfix writes IPv6 literals [ipv6:2001:db8::1]
+        host = host[5:]
     port = int(m.group(2) or m.group(4) or 25)
     if not 1 <= port <= 65535:
         raise ValueError(f"{value!r}: port {port} is out of range")

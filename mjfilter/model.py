@@ -208,7 +208,9 @@ class Transaction:
     """One message: envelope, content, what the MTA told us, what the headers ask.
 
     ``state`` is scratch space for plugins, keyed by step name, discarded with the
-    transaction.
+    transaction. ``dry_run`` is true under ``mjfilter check`` without ``--commit``:
+    a step should then decide as usual but leave nothing behind that outlives the
+    run (the engine's own end-of-transaction undo covers reservations and events).
     """
 
     connection: Connection
@@ -219,6 +221,7 @@ class Transaction:
     auth_user: str | None = None
     directives: Directives = field(default_factory=Directives)
     state: dict[str, Any] = field(default_factory=dict)
+    dry_run: bool = False
 
     @property
     def client_addr(self) -> str | None:

@@ -23,8 +23,8 @@ CREDENTIAL_STRIP = "regexp:{{/^x-mq-[^:]*password[^:]*:/ IGNORE}}"
 # and password lines go to the socketmap instead: it keeps the credentials under a token,
 # drops the password line (IGNORE: not logged) and replaces the username line with the
 # token, which the milter redeems (mjfilter.routing.vault).
-CREDENTIAL_PIPE = ("pipemap:{regexp:{{/^((received|x-mq-smarthost-username|x-mq-smarthost-password)[[:space:]]*:.*)/"
-                   " $$1}}, SOCKETMAP}")
+CREDENTIAL_PIPE = ("pipemap:{regexp:{{/^((received|x-mq-smarthost-(username|password|username-ref))"
+                   "[[:space:]]*:.*)/ $$1}}, SOCKETMAP}")
 # The route transports remove the route header on the way out.
 ROUTE_STRIP = "regexp:{{/^" + ROUTE_HEADER + ":/ IGNORE}}"
 TLS_OPTIONS = {
@@ -52,7 +52,13 @@ def socketmap_table(config: Config, table: str) -> str:
 
 
 def main_cf(config: Config) -> list[tuple[str, str]]:
-    """(parameter, value) pairs for main.cf."""
+    """(parameter, value) pairs for main.cf.
+
+    A priority route without a smarthost is ``FILTER transport:`` with no next hop:
+    Postfix then delivers to the recipient domain's MX (``default_filter_nexthop``
+    empty). A Postfix that sends through ``relayhost`` should set
+    ``default_filter_nexthop = $relayhost`` (docs/routing.md).
+    """
     routing = [("milter_header_checks", ROUTE_FILTER)] if config.routing.enabled else []
     return routing + [
         ("header_checks", CREDENTIAL_PIPE.replace("SOCKETMAP", socketmap_table(config, "credential"))
@@ -112,8 +118,9 @@ def transports_cf(config: Config, router: Router) -> str:
 def alternative_cf(config: Config) -> list[str]:
     """Commented main.cf lines for routing by Postfix's own sender-dependent maps instead."""
     return [
-        "# Instead of the route header, Postfix can ask mjfilter's maps itself (no per-message",
-        "# smarthosts, priorities or sink mode then): remove milter_header_checks and set",
+        "# Instead of the route header, Postfix can ask mjfilter's maps itself (per sender only:",
+        "# no per-message smarthosts or priorities then): remove milter_header_checks and set",
+        f"#   smtp_header_checks = {ROUTE_STRIP}",
         f"#   sender_dependent_default_transport_maps = {socketmap_table(config, 'transport')}",
         f"#   sender_dependent_relayhost_maps = {socketmap_table(config, 'relayhost')}",
         "#   smtp_sasl_auth_enable = yes",

@@ -71,12 +71,13 @@ def mjfilter_message(txn: Any, actions: Any, config: Config, app: Any) -> None:
         else:
             actions.tempfail(refusal.text, code=refusal.code, status=refusal.status)
         return
-    if decision.remember is not None:
-        sender, nexthop, credentials = decision.remember
-        router.vault.remember(app.store, sender, nexthop, credentials)
+    if decision.remember is not None and not txn.dry_run:
+        router.vault.remember(app.store, *decision.remember)
     if decision.routed:
         actions.set_route(decision.nexthop, decision.rule, transport=decision.transport)
     if decision.would:
-        actions.add_header(WOULD_ROUTE_HEADER, f"{decision.would}; {decision.rule or 'no rule'}")
+        would = f"{decision.would}; {decision.rule or 'no rule'}"
+        actions.add_header(WOULD_ROUTE_HEADER, would)
+        log.info("%s: sink mode: would route %s", txn.queue_id or "-", would)
     if decision.relay is not None:
         actions.note(f"smarthost {decision.relay.name or decision.relay.label or decision.relay.host}")

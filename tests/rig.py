@@ -247,10 +247,12 @@ class Sink:
     TLS needed) and records who authenticated; wrong credentials get 535.
     """
 
-    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, starttls: bool = False) -> None:
+    def __init__(self, port: int | None = None, users: dict[str, str] | None = None, starttls: bool = False,
+                 implicit_tls: bool = False) -> None:
         self.port: int = port if port is not None else free_port()
         self.users = dict(users) if users else None
         self.starttls = starttls  # offer and require STARTTLS (a self-signed certificate)
+        self.implicit_tls = implicit_tls  # TLS from the first byte, as on port 465
         self.auth_failures = 0
         self._lock = threading.Condition()
         self._messages: list[Received] = []
@@ -271,6 +273,7 @@ class Sink:
             **({"auth_required": True, "auth_require_tls": self.starttls, "authenticator": self._authenticate}
                if self.users is not None else {}),
             **({"tls_context": _self_signed_context(), "require_starttls": True} if self.starttls else {}),
+            **({"ssl_context": _self_signed_context()} if self.implicit_tls else {}),
         )
         controller.start()
         self._controller = controller

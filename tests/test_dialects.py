@@ -394,7 +394,7 @@ def test_smarthost_parts_without_hostname():
 def test_smarthost_half_credentials():
     d = parse(("x-mq-smarthost-hostname", "h.example"), ("x-mq-smarthost-username", "u"))
     assert d.smarthost == Smarthost("h.example")
-    assert reasons(d)["x-mq-smarthost-username"].startswith("without x-mq-smarthost-password")
+    assert reasons(d)["x-mq-smarthost-username"] == "without x-mq-smarthost-password"
     d = parse(("x-mq-smarthost-hostname", "h.example"), ("x-mq-smarthost-password", "pw-123"))
     assert d.smarthost == Smarthost("h.example")
     [p] = d.problems

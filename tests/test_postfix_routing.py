@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class World:
         self.d = Sink(users={"userd": "pwd"}).start()
         self.c = Sink(users={"userc": MQ_PASSWORD}).start()
         self.mx = Sink().start()
+        self.req = Sink(users={"userr": "pwr"}, starttls=True).start()  # tls: required (STARTTLS)
+        self.imp = Sink(users={"useri": "pwi"}, implicit_tls=True).start()  # tls: implicit (as on 465)
         self.s = Sink().start()
         self.socketmap_port = free_port()
         self.daemon = Daemon(base / "mj", CHAIN, routing=self.routing())
@@ -65,9 +68,12 @@ class World:
             "socketmap": f"inet:127.0.0.1:{self.socketmap_port}",
             "tls": "none",
             "smarthosts": {"a": self.smarthost(self.a, "usera", "pwa"), "b": self.smarthost(self.b, "userb", "pwb"),
-                           "d": self.smarthost(self.d, "userd", "pwd")},
+                           "d": self.smarthost(self.d, "userd", "pwd"),
+                           "req": {**self.smarthost(self.req, "userr", "pwr"), "tls": "required"},
+                           "imp": {**self.smarthost(self.imp, "useri", "pwi"), "tls": "implicit"}},
             "default": "d",
-            "sender_maps": [{"inline": {"@a.example": "a", "x@b.example": "b"}}],
+            "sender_maps": [{"inline": {"@a.example": "a", "x@b.example": "b", "@req.example": "req",
+                                        "@imp.example": "imp"}}],
             "per_message": {"allow": [{"sender": "*@mq.example", "hosts": ["127.0.0.1"]},
                                       {"sender": "*@named.example", "hosts": ["localhost"]}],
                             "ports": [25, 587, self.c.port], "tls": "none"},
@@ -90,7 +96,7 @@ class World:
         if self.pf is not None:
             self.pf.stop()
         self.daemon.stop()
-        for s in (self.a, self.b, self.d, self.c, self.mx, self.s):
+        for s in (self.a, self.b, self.d, self.c, self.mx, self.s, self.req, self.imp):
             s.stop()
 
 
@@ -131,6 +137,21 @@ def test_sender_maps_from_yaml(world: World) -> None:
     ])
 
 
+def test_tls_policies_required_and_implicit(world: World) -> None:
+    world.reload()
+    assert world.pf is not None
+    for sender, sink, user, transport in (("u@req.example", world.req, "userr", "mjfilter-required"),
+                                          ("u@imp.example", world.imp, "useri", "mjfilter-implicit")):
+        mark = world.pf.log_mark()
+        code, text = world.send(sender)
+        assert code == 250, text
+        got = only(sink)
+        assert got.auth_user == user
+        # STARTTLS was used before AUTH; the implicit-TLS sink speaks nothing but TLS.
+        assert got.tls or sink.implicit_tls
+        world.pf.wait_log(rf"postfix/{transport}/smtp\[\d+\]: \w+: to=<bob@example.org>.*status=sent", since=mark)
+
+
 def test_sender_maps_from_postfix_map_files(world: World) -> None:
     # The Mailjet seed's files: sender_relay and sasl_passwd, credentials keyed by sender.
     files = world.base / "maps"
@@ -169,6 +190,22 @@ def test_sender_maps_from_postgresql(world: World, tmp_path: Path) -> None:
         assert_routes(world, [("u@a.example", world.a, "usera"), ("x@b.example", world.b, "userb"),
                               ("y@b.example", world.d, "userd")])
         world.reload()  # before the database goes away
+
+
+def test_sender_maps_from_ldap(world: World, tmp_path: Path) -> None:
+    # iRedMail's senderRelayHost on the domain entry (@a.example) and on a user entry (x@b.example).
+    from ldap_rig import SlapdServer
+    from test_routing_ldap import DOMAINS, domain_ldif, user_ldif
+
+    with SlapdServer(tmp_path / "ldap") as ldap:
+        ldap.add(f"dn: {DOMAINS}\nobjectClass: organization\no: domains\n\n"
+                 + domain_ldif("a.example", f"[127.0.0.1]:{world.a.port}") + domain_ldif("b.example")
+                 + user_ldif("x@b.example", f"[127.0.0.1]:{world.b.port}"))
+        world.reload(sender_maps=[{"ldap": {"url": ldap.url, "base": DOMAINS, "bind_dn": ldap.bind_dn,
+                                            "bind_password": ldap.bind_password}}])
+        assert_routes(world, [("u@a.example", world.a, "usera"), ("x@b.example", world.b, "userb"),
+                              ("y@b.example", world.d, "userd")])
+        world.reload()  # before the directory goes away
 
 
 def mq_headers(host: str = "127.0.0.1", port: int | None = None, user: str | None = "userc",
@@ -212,6 +249,31 @@ def test_per_message_smarthost_with_credentials_leaves_no_password_behind(world:
             assert MQ_PASSWORD.encode() not in p.read_bytes(), f"password in {p}"
     for s in (world.a, world.b, world.d, world.mx):
         assert not s.messages
+
+
+def test_a_replayed_credential_token_is_useless(world: World) -> None:
+    """The token that stands for a message's credentials is single use, and a client cannot
+    send one itself: header_checks drop a client's x-mq-smarthost-username-ref."""
+    world.reload()
+    assert world.pf is not None
+    mark = world.pf.log_mark()
+    assert world.send("app@mq.example", mq_headers(port=world.c.port))[0] == 250
+    assert only(world.c).auth_user == "userc"
+    token = world.pf.wait_log(r"x-mq-smarthost-username-ref: (\S+)", since=mark).group(1)  # Postfix logs it
+    # Mallory (also allowed to name 127.0.0.1) replays it: the header is dropped before the
+    # milter sees it, so the message has no credentials and the AUTH-requiring sink refuses it.
+    mark = world.pf.log_mark()
+    code, _ = world.send("mallory@mq.example", [f"x-mq-smarthost-hostname: 127.0.0.1",
+                                                f"x-mq-smarthost-port: {world.c.port}",
+                                                f"x-mq-smarthost-username-ref: {token}"])
+    assert code == 250
+    world.pf.wait_log(r"to=<bob@example.org>.*status=(bounced|deferred)", since=mark)
+    assert not world.c.messages
+    # Clean up for the next tests: the refused message (or its bounce) must not linger.
+    subprocess.run(["postsuper", "-c", str(world.pf.conf_dir), "-d", "ALL"], capture_output=True, timeout=30)
+    world.pf.wait_queue_empty()
+    for s in (world.a, world.b, world.c, world.d, world.mx):
+        s.clear()
 
 
 @pytest.mark.parametrize("sender, headers, why", [
@@ -274,7 +336,8 @@ def test_sink_mode_sends_everything_to_the_sink(world: World) -> None:
             assert got.auth_user is None  # the sink gets no smarthost's credentials
             (header,) = got.headers("X-Mjfilter-Would-Route")
             assert would in header, header
-            assert would.split("=")[1] in world.daemon.log()[len(mark):]
+            logged = [ln for ln in world.daemon.log()[len(mark):].splitlines() if "sink mode: would route" in ln]
+            assert logged and would in logged[-1], logged
         assert world.pf is not None
         world.pf.wait_queue_empty()
         for s in (world.a, world.b, world.c, world.d, world.mx):

@@ -135,28 +135,38 @@ def test_per_message_pins_the_checked_address_and_remembers_credentials(tmp_path
     r = router(tmp_path, per_message=MQ)
     d = r.decide(txn("a@mq.example", mq("127.0.0.1", 587)))
     assert d.refusal is None and (d.transport, d.nexthop) == ("mjfilter-mq-may", "[127.0.0.1]:587")
-    assert d.remember == ("a@mq.example", "[127.0.0.1]:587", "u:p")
+    assert d.remember == ("a@mq.example", "[127.0.0.1]:587", "127.0.0.1:587", "u:p")
     assert "password" not in str(d.as_dict()) and "'p'" not in str(d.as_dict())
 
 
 def test_vault_answers_and_conflicts(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 's.db'}")
     v = Vault(tmp_path / "state", ttl=60)
-    v.remember(store, "a@x.example", "[192.0.2.1]:25", "u1:p1")
+    v.remember(store, "a@x.example", "[192.0.2.1]:25", "h1:25", "u1:p1")
     assert v.find(store, "a@x.example").credentials == "u1:p1"
     assert v.find(store, "[192.0.2.1]:25").credentials == "u1:p1"
-    v.remember(store, "a@x.example", "[192.0.2.1]:25", "u1:p1")  # the same again: no conflict
+    v.remember(store, "a@x.example", "[192.0.2.1]:25", "h1:25", "u1:p1")  # the same again: no conflict
     assert not v.find(store, "a@x.example").conflict
+    v.remember(store, "a@x.example", "[192.0.2.1]:25", "h1:25", "u1:rotated")  # a new password: replaces
+    assert v.find(store, "a@x.example").credentials == "u1:rotated"
+    # The same host name at another address (round-robin DNS): still the same for the sender.
+    v.remember(store, "a@x.example", "[192.0.2.3]:25", "h1:25", "u1:rotated")
+    assert v.find(store, "a@x.example").credentials == "u1:rotated"
     # The same sender to another host with other credentials: the sender record conflicts,
     # each next hop keeps its own.
-    v.remember(store, "a@x.example", "[192.0.2.2]:25", "u2:p2")
+    v.remember(store, "a@x.example", "[192.0.2.2]:25", "h2:25", "u2:p2")
     assert v.find(store, "a@x.example").conflict
     assert v.find(store, "[192.0.2.2]:25").credentials == "u2:p2"
-    # Another sender, same host, other credentials: that next hop conflicts (Postfix defers).
-    v.remember(store, "b@x.example", "[192.0.2.2]:25", "u3:p3")
+    # Another sender, same host, another user: that next hop conflicts (Postfix defers).
+    v.remember(store, "b@x.example", "[192.0.2.2]:25", "h2:25", "u3:p3")
     assert v.find(store, "[192.0.2.2]:25").conflict
     assert v.find(store, "b@x.example").credentials == "u3:p3"
     assert v.find(store, "nobody@x.example").missing
+    # Another host sharing the store (its own key): its own namespace, no conflicts with ours.
+    other = Vault(tmp_path / "other-state", ttl=60)
+    other.remember(store, "b@x.example", "[192.0.2.2]:25", "h2:25", "u9:p9")
+    assert other.find(store, "b@x.example").credentials == "u9:p9"
+    assert v.find(store, "b@x.example").credentials == "u3:p3"
     raw = (tmp_path / "s.db").read_bytes()
     assert b"p1" not in raw and b"p2" not in raw  # encrypted at rest
     assert oct((tmp_path / "state" / "routing.key").stat().st_mode & 0o777) == "0o600"
@@ -165,8 +175,8 @@ def test_vault_answers_and_conflicts(tmp_path: Path) -> None:
 def test_mqsasl_table(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 's.db'}")
     r = router(tmp_path, per_message=MQ)
-    r.vault.remember(store, "a@x.example", "[192.0.2.1]:25", "u1:p1")
-    r.vault.remember(store, "b@x.example", "[192.0.2.1]:25", "u2:p2")
+    r.vault.remember(store, "a@x.example", "[192.0.2.1]:25", "h:25", "u1:p1")
+    r.vault.remember(store, "b@x.example", "[192.0.2.1]:25", "h:25", "u2:p2")
     assert r.lookup("mqsasl", "a@x.example", store) == "u1:p1"
     with pytest.raises(RoutingError):  # ambiguous next hop: TEMP, never someone else's account
         r.lookup("mqsasl", "[192.0.2.1]:25", store)
@@ -185,7 +195,10 @@ def test_intake_keeps_credentials_per_connection_and_message(tmp_path: Path) -> 
     token1 = action.split(": ", 1)[1]
     assert token1 != token2
     assert v.redeem(store, token1) == ("alice", "s3cret")
+    assert v.redeem(store, token1) is None  # single use
     assert v.redeem(store, token2) == ("bob", None)
+    # A client sending a ref header itself (a replay) gets it dropped.
+    assert intake.header(v, store, 1, f"x-mq-smarthost-username-ref: {token1}") == "IGNORE"
     # A new message on connection 1 starts clean.
     intake.header(v, store, 1, "Received: from x")
     token3 = intake.header(v, store, 1, "x-mq-smarthost-username: carol").split(": ", 1)[1]
@@ -193,6 +206,29 @@ def test_intake_keeps_credentials_per_connection_and_message(tmp_path: Path) -> 
     assert intake.header(v, store, 1, "Subject: hello") is None
     assert v.redeem(store, "nonsense!") is None and v.redeem(store, "") is None
     assert b"s3cret" not in (tmp_path / "s.db").read_bytes()
+
+
+def test_ipv6_literal_in_postfix_syntax(tmp_path: Path) -> None:
+    r = router(tmp_path, default="[ipv6:2001:db8::1]:2525")
+    assert r.default is not None and r.default.nexthop == "[ipv6:2001:db8::1]:2525"
+
+
+def test_dry_run_leaves_no_credentials_behind(tmp_path: Path) -> None:
+    from mjfilter.app import App
+    from mjfilter.frontends.replay import replay
+
+    conf = write_conf(tmp_path, {"per_message": MQ})
+    app = App(load_config(conf), store=open_store(f"sqlite:///{tmp_path / 's.db'}"))
+    app.start()
+    try:
+        data = f"From: <a@mq.example>\r\n{mq('127.0.0.1')}\r\nhi\r\n".encode()
+        r = replay(app, data, "a@mq.example", ["r@example.org"], commit=False)
+        assert r.outcome.route is not None and r.outcome.route.target == "mjfilter-mq-may:[127.0.0.1]:25"
+        assert app.router.vault.find(app.store, "a@mq.example").missing
+        replay(app, data, "a@mq.example", ["r@example.org"], commit=True)
+        assert app.router.vault.find(app.store, "a@mq.example").credentials == "u:p"
+    finally:
+        app.close()
 
 
 def test_route_step_redeems_the_token(tmp_path: Path) -> None:
@@ -203,7 +239,7 @@ def test_route_step_redeems_the_token(tmp_path: Path) -> None:
     r.vault.deposit(store, token, "p", "p9")
     headers = f"x-mq-smarthost-hostname: 127.0.0.1\r\nx-mq-smarthost-username-ref: {token}\r\n"
     d = r.decide(txn("a@mq.example", headers), store)
-    assert d.refusal is None and d.remember == ("a@mq.example", "[127.0.0.1]:25", "u9:p9")
+    assert d.refusal is None and d.remember == ("a@mq.example", "[127.0.0.1]:25", "127.0.0.1:25", "u9:p9")
     d = r.decide(txn("a@mq.example", "x-mq-smarthost-hostname: 127.0.0.1\r\n"
                                      "x-mq-smarthost-username-ref: unknowntoken\r\n"), store)
     assert d.refusal is not None and d.refusal.code == 451
@@ -246,6 +282,9 @@ def write_conf(tmp_path: Path, routing: dict[str, Any], chain: list[dict[str, An
     ({"priority": {7: "x"}}, "levels are 0..3"),
     ({"per_message": {"allow": [{"hosts": ["h"]}]}}, "needs auth_user:, sender: or both"),
     ({"smarthosts": {"a": {"host": "h", "tls": "sometimes"}}}, "tls"),
+    ({"priority": {3: "smtp"}}, "stock Postfix service name"),
+    ({"priority": {3: "mjfilter-mq"}}, "would come from both"),
+    ({"sink": {"host": "127.0.0.1", "username": "u"}}, "username and password go together"),
 ])
 def test_routing_config_errors_name_the_line(tmp_path: Path, routing: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as e:

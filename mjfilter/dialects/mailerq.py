@@ -122,7 +122,7 @@ def _smarthost(result: DialectResult, first: dict[str, Header]) -> None:
     if bool(username) != bool(password):
         present = first[USERNAME] if username else first[PASSWORD]
         missing = "x-mq-smarthost-password" if username else "x-mq-smarthost-username"
-        result.problem(present[0], present[1], f"without {missing}: smarthost used without authentication")
+        result.problem(present[0], present[1], f"without {missing}")
         username = password = ref = ""
     result.set("smarthost", Smarthost(bare_host(host), port, username or None, password or None, ref or None),
                host_name)

@@ -45,6 +45,7 @@ def replay(app: App, data: bytes, sender: str, recipients: list[str], auth_user:
     try:
         txn = make_transaction(data, sender, recipients, auth_user, client_ip,
                                spool_bytes=rt.config.milter.body_spool_bytes)
+        txn.dry_run = not commit
         t0 = time.perf_counter()
         outcome = app.process(txn, rt)
         ms = (time.perf_counter() - t0) * 1e3

@@ -16,7 +16,7 @@ what Postfix asks at delivery agree:
 
 Sender lookups follow Postfix's order: ``user+ext@domain``, ``user@domain``,
 ``@domain``, then the default. For each key every source is asked in the
-configured order (inline YAML, Postfix map files, SQL), so the most specific key
+configured order (inline YAML, Postfix map files, SQL, LDAP), so the most specific key
 wins whatever source holds it, as with a Postfix map list.
 """
 
@@ -96,7 +96,7 @@ class Decision:
     nexthop: str = ""
     would: str = ""  # sink mode: the route the message would have taken
     refusal: Refusal | None = None
-    remember: tuple[str, str, str | None] | None = None  # (sender, nexthop, credentials) for the vault
+    remember: tuple[str, str, str, str | None] | None = None  # (sender, nexthop, host, credentials) for the vault
 
     @property
     def routed(self) -> bool:
@@ -131,6 +131,29 @@ class PostfixSource:
 
     def sasl(self, key: str) -> str | None:
         return self.sasl_map.get(key) if self.sasl_map else None
+
+
+class LdapSourceAdapter:
+    def __init__(self, cfg: Any, index: int) -> None:
+        from .ldap import LdapSource
+
+        self.ldap = LdapSource(cfg.url, cfg.base, cfg.bind_dn, cfg.bind_password, cfg.user_filter,
+                               cfg.domain_filter, cfg.attribute, cfg.timeout)
+        self.describe = f"sender_maps[{index}] {self.ldap.describe()}"
+
+    def relay(self, key: str) -> str | None:
+        from .ldap import LdapUnavailable
+
+        try:
+            return self.ldap.lookup(key)
+        except LdapUnavailable as e:
+            raise RoutingError(f"{self.describe}: {e}") from None
+
+    def sasl(self, key: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self.ldap.close()
 
 
 class SqlSourceAdapter:
@@ -172,7 +195,12 @@ class Router:
                 p = src.postfix
                 self.sources.append(PostfixSource(_path(base, p.relay), _path(base, p.sasl), i))
             elif src.sql is not None:
-                self.sources.append(SqlSourceAdapter(src.sql.url, src.sql.query, src.sql.timeout, i))
+                url = src.sql.url
+                if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+                    url = f"sqlite:///{base / url[len('sqlite:///'):]}"  # relative to the config file
+                self.sources.append(SqlSourceAdapter(url, src.sql.query, src.sql.timeout, i))
+            elif src.ldap is not None:
+                self.sources.append(LdapSourceAdapter(src.ldap, i))
         self.default = self._value_relay(config.default, "") if config.default else None
         s = config.sink
         self.sink = Relay(s.host, s.port, tls=s.tls, name="sink",
@@ -251,6 +279,11 @@ class Router:
     def _per_message(self, txn: Any, store: Any) -> Decision:
         sh = txn.directives.smarthost
         pm = self.config.per_message
+        host = sh.hostname.rstrip(".").lower()
+        found = self._allowing_rule(txn)
+        if found is None:
+            return _refuse(550, "5.7.1", "per-message smarthost (x-mq-smarthost-hostname) not allowed for this sender")
+        index, rule = found
         username, password = sh.username, sh.password
         if sh.credential_ref is not None:
             kept = self.vault.redeem(store, sh.credential_ref)
@@ -258,12 +291,7 @@ class Router:
                 return _refuse(451, "4.7.0", "x-mq-smarthost-username: credentials expired, try again")
             username, password = kept
             if not username or not password:
-                return _refuse(550, "5.7.1", "x-mq-smarthost-username and -password go together")
-        host = sh.hostname.rstrip(".").lower()
-        found = self._allowing_rule(txn)
-        if found is None:
-            return _refuse(550, "5.7.1", "per-message smarthost (x-mq-smarthost-hostname) not allowed for this sender")
-        index, rule = found
+                return _refuse(550, "5.7.1", "x-mq-smarthost-username and x-mq-smarthost-password go together")
         if sh.port not in pm.ports:
             return _refuse(550, "5.7.1", f"smarthost port {sh.port} not allowed")
         literal = _ip(host)
@@ -293,7 +321,7 @@ class Router:
         relay = Relay(str(addrs[0]), sh.port, tls=pm.tls, credentials=creds, label=host)
         return Decision("per-message", relay, f"x-mq-smarthost-hostname {host}:{sh.port} "
                                               f"(routing.per_message.allow[{index}])",
-                        remember=(txn.envelope.sender, relay.nexthop, creds))
+                        remember=(txn.envelope.sender, relay.nexthop, f"{host}:{sh.port}", creds))
 
     # -- the decision ---------------------------------------------------------------------------------
     def decide(self, txn: Any, store: Any = None) -> Decision:

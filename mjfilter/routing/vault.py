@@ -11,12 +11,16 @@ sender and one per next hop:
   encrypted (Fernet) with a key kept in the state directory (``routing.key``,
   mode 0600). The store never sees a password in clear, and an event, a log line
   or a queued header never sees it at all;
-- when a second message gives the same sender (or the same next hop) a
-  *different* smarthost or credentials while the first record is still live,
-  the record turns into a conflict marker: a sender conflict answers NOTFOUND
-  (Postfix then asks by next hop), a next-hop conflict answers TEMP (Postfix
-  defers). Credentials are therefore never handed to a host they were not given
-  for, and never used for another message's account;
+- when a second message gives the same sender another smarthost host or
+  username (or the same next hop another username) while the first record is
+  still live, the record turns into a conflict marker: a sender conflict
+  answers NOTFOUND (Postfix then asks by next hop), a next-hop conflict answers
+  TEMP (Postfix defers). Credentials are therefore never handed to a host they
+  were not given for, and never used for another message's account. A new
+  password for the same host and username replaces the old one (a rotated
+  password; the old one is likely revoked). Sender records compare the host
+  name the header gave, not the pinned address, so a name with rotating
+  addresses does not conflict with itself;
 - records expire after ``per_message.credential_ttl`` (Postfix's
   ``maximal_queue_lifetime``, 5 days).
 
@@ -33,7 +37,11 @@ milter redeems the token.
 
 The key file is per host, which suits the design: the Postfix that queued the
 message asks the mjfilter beside it. With a Redis store shared by several
-hosts, each host can only decrypt its own records.
+hosts, each host keeps its records under its own key prefix (derived from its
+key), so hosts neither read nor conflict with each other's records.
+
+Tokens are single use: the milter's redeem voids them, and header_checks drop a
+``x-mq-smarthost-username-ref`` header a client sends itself.
 """
 
 from __future__ import annotations
@@ -57,8 +65,8 @@ KEY_FILE = "routing.key"
 SENDER = "mqsasl:s:"
 NEXTHOP = "mqsasl:d:"
 TOKEN = "mqsasl:t:"
-TOKEN_TTL = 3600.0
-_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "-_")  # a token is redeemed by the milter seconds after cleanup made it
+TOKEN_TTL = 3600.0  # a token is redeemed by the milter seconds after cleanup made it
+_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "-_")  # secrets.token_urlsafe's alphabet
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,7 @@ class Vault:
         self.ttl = ttl
         self._fernet: Fernet | None = None
         self._mac_key = b""
+        self._host_id = ""
 
     # -- the key -----------------------------------------------------------------------
     def _cipher(self) -> Fernet:
@@ -96,28 +105,33 @@ class Vault:
                         f.write(key + b"\n")
             self._fernet = Fernet(key)
             self._mac_key = hashlib.sha256(b"mjfilter-vault-mac" + key).digest()
+            self._host_id = hashlib.sha256(b"mjfilter-vault-host" + key).hexdigest()[:12]
         return self._fernet
 
-    def _fingerprint(self, nexthop: str, credentials: str | None) -> str:
+    def _fingerprint(self, *parts: str) -> str:
         self._cipher()
-        msg = f"{nexthop.lower()}\0{credentials or ''}".encode("utf-8", "surrogateescape")
+        msg = "\0".join(parts).encode("utf-8", "surrogateescape")
         return hmac.new(self._mac_key, msg, hashlib.sha256).hexdigest()[:32]
 
+    def _key(self, prefix: str, name: str) -> str:
+        self._cipher()
+        return f"{prefix}{self._host_id}:{name.lower()}"
+
     # -- writing --------------------------------------------------------------------------
-    def remember(self, store: Any, sender: str, nexthop: str, credentials: str | None) -> None:
-        """Keep ``credentials`` (``user:password``, or None: no AUTH) for ``sender`` and ``nexthop``."""
+    def remember(self, store: Any, sender: str, nexthop: str, host: str, credentials: str | None) -> None:
+        """Keep ``credentials`` (``user:password``, or None: no AUTH) for ``sender`` and ``nexthop``.
+
+        ``host`` is the smarthost as the message named it (``name:port``); ``nexthop``
+        the pinned ``[address]:port`` Postfix connects to.
+        """
         now = time.time()
-        record = {
-            "f": self._fingerprint(nexthop, credentials),
-            "c": self._cipher().encrypt(credentials.encode("utf-8", "surrogateescape")).decode()
-            if credentials else None,
-            "e": now + self.ttl,
-        }
-        keys = [NEXTHOP + nexthop.lower()]
+        token = self._cipher().encrypt(credentials.encode("utf-8", "surrogateescape")).decode() if credentials else None
+        user = credentials.partition(":")[0] if credentials else ""
+        by_nexthop = {"f": self._fingerprint(user), "c": token, "e": now + self.ttl}
+        self._merge(store, self._key(NEXTHOP, nexthop), by_nexthop, now)
         if sender:
-            keys.append(SENDER + sender.lower())
-        for key in keys:
-            self._merge(store, key, record, now)
+            by_sender = {"f": self._fingerprint(host.lower(), user), "c": token, "e": now + self.ttl}
+            self._merge(store, self._key(SENDER, sender), by_sender, now)
 
     def _merge(self, store: Any, key: str, record: dict[str, Any], now: float) -> None:
         raw = json.dumps(record, separators=(",", ":"))
@@ -130,7 +144,7 @@ class Vault:
         elif old.get("x"):
             store.put(key, json.dumps({"x": 1, "e": max(old["e"], record["e"])}))
         elif old.get("f") == record["f"]:
-            store.put(key, raw)  # the same smarthost and credentials: refresh the expiry
+            store.put(key, raw)  # the same smarthost and user: refresh (and take a rotated password)
         else:
             store.put(key, json.dumps({"x": 1, "e": max(old["e"], record["e"])}))
 
@@ -140,18 +154,21 @@ class Vault:
 
     def deposit(self, store: Any, token: str, part: str, value: str) -> None:
         """Add ``part`` ("u" username, "p" password) under ``token`` (encrypted)."""
-        rec = _decode(store.get(TOKEN + token)) or {}
+        key = self._key(TOKEN, token)
+        rec = _decode(store.get(key)) or {}
         rec[part] = self._cipher().encrypt(value.encode("utf-8", "surrogateescape")).decode()
         rec["e"] = time.time() + TOKEN_TTL
-        store.put(TOKEN + token, json.dumps(rec, separators=(",", ":")))
+        store.put(key, json.dumps(rec, separators=(",", ":")))
 
     def redeem(self, store: Any, token: str) -> tuple[str | None, str | None] | None:
         """(username, password) kept under ``token``; None when unknown or expired."""
         if not token or any(c not in _TOKEN_CHARS for c in token):
             return None
-        rec = _decode(store.get(TOKEN + token))
+        key = self._key(TOKEN, token)
+        rec = _decode(store.get(key))
         if rec is None or rec.get("e", 0) <= time.time():
             return None
+        store.put(key, '{"e":0}')  # single use: a replayed token finds nothing
         try:
             u, p = (self._cipher().decrypt(rec[k].encode()).decode("utf-8", "surrogateescape") if rec.get(k) else None
                     for k in ("u", "p"))
@@ -163,7 +180,7 @@ class Vault:
     def find(self, store: Any, key: str) -> Found:
         """The record for a sender (``user@domain``) or a next hop (``[host]:port``)."""
         prefix = SENDER if "@" in key and not key.startswith("[") else NEXTHOP
-        rec = _decode(store.get(prefix + key.lower()))
+        rec = _decode(store.get(self._key(prefix, key)))
         if rec is None or rec.get("e", 0) <= time.time():
             return Found(missing=True)
         if rec.get("x"):
@@ -190,7 +207,7 @@ def _decode(raw: str | None) -> dict[str, Any] | None:
 class Intake:
     """The ``credential`` table: credential headers of the message each cleanup process reads."""
 
-    HEADER = re.compile(r"^(received|x-mq-smarthost-username|x-mq-smarthost-password)[ \t]*:[ \t]*(.*)$",
+    HEADER = re.compile(r"^(received|x-mq-smarthost-username(?:-ref)?|x-mq-smarthost-password)[ \t]*:[ \t]*(.*)$",
                         re.IGNORECASE | re.DOTALL)
     MAX_AGE = 60.0  # a message's headers reach cleanup within seconds; older state is stale
 
@@ -204,6 +221,8 @@ class Intake:
         if not m:
             return None
         name = m.group(1).lower()
+        if name == "x-mq-smarthost-username-ref":
+            return "IGNORE"  # only mjfilter makes these: a client's own is a replay attempt
         now = time.monotonic()
         with self._lock:
             if name == "received":  # a new message in this cleanup process
