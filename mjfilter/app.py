@@ -135,6 +135,10 @@ class App:
             return ("TEMP", str(e) if isinstance(e, RoutingError) else "store unavailable")
         return ("OK", value) if value else ("NOTFOUND", "")
 
+    def table_lookup_blocks(self, table: str, key: str) -> bool:
+        """Whether ``table_lookup`` may wait on I/O (else the socketmap answers on its loop)."""
+        return self._runtime.router.blocking(table, key)
+
     def secret(self, name: str, nbytes: int = 32) -> str:
         """A secret made on first use and kept in the store (shared by every node on Redis).
 

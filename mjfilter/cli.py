@@ -224,7 +224,9 @@ def _run(app: Any, loaded: Any) -> int:
 
             socketmap = SocketmapServer(routing.socketmap,
                                         lambda table, key, conn: Answer(*app.table_lookup(table, key, conn)),
-                                        with_connection=True, socket_group=loaded.config.milter.socket_group)
+                                        with_connection=True,
+                                        inline=lambda table, key: not app.table_lookup_blocks(table, key),
+                                        socket_group=loaded.config.milter.socket_group)
             app.resolve([socketmap.start()])
             log.info("socketmap on %s (tables sasl, mqsasl, relayhost, transport, credential)", socketmap.address)
         address = loaded.config.metrics.address

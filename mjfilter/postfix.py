@@ -61,8 +61,9 @@ def main_cf(config: Config) -> list[tuple[str, str]]:
     """
     routing = [("milter_header_checks", ROUTE_FILTER)] if config.routing.enabled else []
     return routing + [
+        # The socketmap sees header lines only where per-message smarthosts are allowed.
         ("header_checks", CREDENTIAL_PIPE.replace("SOCKETMAP", socketmap_table(config, "credential"))
-                          if config.routing.enabled else CREDENTIAL_STRIP),
+                          if config.routing.per_message.allow else CREDENTIAL_STRIP),
         ("smtpd_milters", milter_address(config)),
         ("non_smtpd_milters", "$smtpd_milters"),
         # Never relay unfiltered mail: if mjfilter is down or errs, clients get 4xx and retry.

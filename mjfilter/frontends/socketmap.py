@@ -208,6 +208,7 @@ class SocketmapServer:
         lookup: Lookup | ConnectionLookup,
         *,
         with_connection: bool = False,
+        inline: Callable[[str, str], bool] | None = None,
         timeout: float = 10.0,
         max_request: int = 100000,
         executor: concurrent.futures.Executor | None = None,
@@ -221,6 +222,9 @@ class SocketmapServer:
         self._parsed = _parse_address(address)  # fail early on a bad address
         self._lookup = lookup
         self._with_connection = with_connection
+        # (name, key) -> True when the lookup cannot block: answered on the event loop,
+        # without the hop to an executor thread (most lookups of a busy Postfix).
+        self._inline = inline
         self._serial = 0
         self._timeout = timeout
         self._max_request = max_request
@@ -357,7 +361,10 @@ class SocketmapServer:
         loop = asyncio.get_running_loop()
         try:
             args = (name, key, conn) if self._with_connection else (name, key)
-            answer = await loop.run_in_executor(self._executor, self._lookup, *args)
+            if self._inline is not None and self._inline(name, key):
+                answer = self._lookup(*args)  # type: ignore[call-arg]
+            else:
+                answer = await loop.run_in_executor(self._executor, self._lookup, *args)
         except Exception as e:
             # Name and exception only: the key may be an address or a credential selector.
             log.error("socketmap lookup in table %r failed: %s: %s", name, type(e).__name__, e)

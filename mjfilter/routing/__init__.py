@@ -382,6 +382,15 @@ class Router:
         return out
 
     # -- Postfix table lookups (the socketmap front end) ------------------------------------------
+    def blocking(self, table: str, key: str) -> bool:
+        """Whether ``lookup(table, key)`` may wait on I/O (the store, SQL, LDAP)."""
+        if table == "credential":
+            return not key[:9].lower().startswith("received")  # a Received line only resets state
+        if table in ("sasl", "relayhost", "transport"):
+            return self.sink is None and any(isinstance(s, (SqlSourceAdapter, LdapSourceAdapter))
+                                             for s in self.sources)
+        return True
+
     def lookup(self, table: str, key: str, store: Any) -> str | None:
         """The value for ``key`` in ``table``, or None (NOTFOUND).
 
