@@ -143,6 +143,10 @@ _EDIT_CAPABILITY = {
 }
 
 
+# The internal header that carries a route to the MTA (Postfix: milter_header_checks FILTER).
+ROUTE_HEADER = "X-Mjfilter-Route"
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """The next hop chosen for the message, and what chose it."""

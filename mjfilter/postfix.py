@@ -7,19 +7,17 @@ exactly this output, so the documentation and the code cannot drift apart.
 from __future__ import annotations
 
 from .config import Config, parse_listen
+from .actions import ROUTE_HEADER
 from .routing import Router
 
-# The internal header the milter adds with the route (see frontends/milter.py ROUTE_HEADER).
-ROUTE_HEADER = "X-Mjfilter-Route"
 # milter_header_checks: the route header becomes FILTER transport:nexthop. "$$1" is main.cf's
 # escape for the regexp table's "$1" (a lone "$" starts a main.cf macro).
 ROUTE_FILTER = "regexp:{{/^" + ROUTE_HEADER + ":[[:space:]]*([^[:space:]]+)/ FILTER $$1}}"
 # Credentials in control headers (x-mq-smarthost-password) must not reach the queue file:
 # a milter's header delete leaves the original bytes in it, while cleanup's header_checks
-# drop the header before it is written. smtpd's milters still see it (they read smtpd's
-# stream), so per-message smarthosts work.
+# drop the header before it is written (the milter then never sees it either).
 CREDENTIAL_STRIP = "regexp:{{/^x-mq-[^:]*password[^:]*:/ IGNORE}}"
-# With routing on, Received lines (a message's first header) and the smarthost username
+# With per-message rules, Received lines (a message's first header) and the smarthost username
 # and password lines go to the socketmap instead: it keeps the credentials under a token,
 # drops the password line (IGNORE: not logged) and replaces the username line with the
 # token, which the milter redeems (mjfilter.routing.vault).

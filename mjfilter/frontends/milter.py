@@ -25,8 +25,8 @@ from collections.abc import Callable
 import Milter
 import milter
 
-from ..actions import (AddHeader, AddRecipient, ChangeHeader, ChangeSender, DeleteRecipient, InsertHeader,
-                       ReplaceBody, TEMPFAIL_REPLY, Reply)
+from ..actions import (ROUTE_HEADER, TEMPFAIL_REPLY, AddHeader, AddRecipient, ChangeHeader, ChangeSender,
+                       DeleteRecipient, InsertHeader, ReplaceBody, Reply)
 from ..app import App, Runtime
 from ..chain import Outcome, tempfail_outcome
 from ..config import libmilter_address, parse_listen
@@ -36,7 +36,6 @@ from ..sender import ReinjectError, reinject
 
 log = logging.getLogger(__name__)
 
-ROUTE_HEADER = "X-Mjfilter-Route"
 SHUTDOWN_REPLY = Reply(451, "4.3.2", "Content filter shutting down, please try again later")
 
 # capability -> libmilter action flag
