@@ -588,7 +588,7 @@ class RoutingConfig(Strict):
     def _references(self) -> "RoutingConfig":
         seen: dict[str, str] = {}  # every transport name mjfilter can print -> what makes it
         for base in [self.transport, *dict.fromkeys(self.priority.values())]:
-            names = [f"{base}{mq}-{t}" for mq in ("", "-mq") for t in TLS_POLICIES]
+            names = [f"{base}{kind}-{t}" for kind in ("", "-mq", "-sender") for t in TLS_POLICIES]
             names += [base] if base != self.transport else []
             for name in names:
                 if name in seen and seen[name] != base:

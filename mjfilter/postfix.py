@@ -98,14 +98,16 @@ def master_cf(config: Config) -> str:
 def transports_cf(config: Config, router: Router) -> str:
     """master.cf entries of the transports routes name: one per TLS policy and priority."""
     lines: list[str] = []
-    for name, tls, table in router.transports():
+    for name, tls, table, per_sender in router.transports():
         lines.append(f"{name} unix - - n - - smtp")
         opts = [f"syslog_name=postfix/{name}"] + (TLS_OPTIONS[tls] if tls else [])
         if table:
             opts += [
                 "smtp_sasl_auth_enable=yes",
                 f"smtp_sasl_password_maps={socketmap_table(config, table)}",
-                "smtp_sender_dependent_authentication=yes",
+                # yes: credentials by sender first (Postfix then does not reuse connections);
+                # no: by [host]:port, connections to the smarthost are reused
+                f"smtp_sender_dependent_authentication={'yes' if per_sender else 'no'}",
                 "smtp_sasl_security_options=noanonymous",
                 "smtp_sasl_tls_security_options=noanonymous",
             ]

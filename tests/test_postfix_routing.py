@@ -64,6 +64,11 @@ class World:
         return {"host": "127.0.0.1", "port": sink.port, "username": user, "password": password, "tls": "none"}
 
     def routing(self, **over: Any) -> dict[str, Any]:
+        # An (empty) sasl_passwd source, so that postfix-config prints the sender-dependent
+        # transports too: later tests switch to rules that need them, by reload only.
+        empty = self.base / "empty_sasl_passwd"
+        if not empty.exists():
+            empty.write_text("# no entries\n")
         r: dict[str, Any] = {
             "socketmap": f"inet:127.0.0.1:{self.socketmap_port}",
             "tls": "none",
@@ -73,7 +78,8 @@ class World:
                            "imp": {**self.smarthost(self.imp, "useri", "pwi"), "tls": "implicit"}},
             "default": "d",
             "sender_maps": [{"inline": {"@a.example": "a", "x@b.example": "b", "@req.example": "req",
-                                        "@imp.example": "imp"}}],
+                                        "@imp.example": "imp"}},
+                            {"postfix": {"sasl": str(empty)}}],
             "per_message": {"allow": [{"sender": "*@mq.example", "hosts": ["127.0.0.1"]},
                                       {"sender": "*@named.example", "hosts": ["localhost"]}],
                             "ports": [25, 587, self.c.port], "tls": "none"},

@@ -57,9 +57,17 @@ def test_map_value_matching_a_smarthost_takes_its_tls_and_credentials(tmp_path: 
     a, _, _ = r.resolve("u@a.example")
     assert (a.name, a.tls, a.credentials) == ("a", "required", "ua:pa")
     c, _, _ = r.resolve("u@c.example")
-    assert (c.name, c.tls, c.credentials) == (None, "none", "uc:pc")  # by sender first
+    assert (c.name, c.tls, c.credentials, c.per_sender) == (None, "none", "uc:pc", True)  # by sender first
     e, _, _ = r.resolve("u@e.example")
-    assert e.credentials == "hostuser:hostpw"  # then by next hop
+    assert (e.credentials, e.per_sender) == ("hostuser:hostpw", False)  # then by next hop
+    # Credentials by sender need a sender-dependent transport (no connection reuse); by host not.
+    assert r.decide(txn("u@c.example")).transport == "mjfilter-sender-none"
+    assert r.decide(txn("u@e.example")).transport == "mjfilter-none"
+    assert r.decide(txn("u@a.example")).transport == "mjfilter-required"
+    assert [(t[0], t[3]) for t in r.transports()] == [("mjfilter-none", False), ("mjfilter-sender-none", True),
+                                                      ("mjfilter-required", False),
+                                                      ("mjfilter-sender-required", True),
+                                                      ("mjfilter-implicit", False), ("mjfilter-sender-implicit", True)]
     store = open_store(f"sqlite:///{tmp_path / 's.db'}")
     assert r.lookup("sasl", "u@a.example", store) == "ua:pa"
     assert r.lookup("sasl", "[192.0.2.10]:587", store) == "ua:pa"  # null sender: by next hop
@@ -68,6 +76,20 @@ def test_map_value_matching_a_smarthost_takes_its_tls_and_credentials(tmp_path: 
     assert r.lookup("transport", "u@a.example", store) == "mjfilter-required:[192.0.2.10]:587"
     with pytest.raises(RoutingError):
         r.lookup("nosuch", "x", store)
+
+
+def test_sasl_by_host_answers_only_when_unambiguous(tmp_path: Path) -> None:
+    hosts = {"x": {"host": "127.0.0.1", "port": 2525, "username": "ux", "password": "px"},
+             "y": {"host": "127.0.0.1", "port": 2526, "username": "uy", "password": "py"},
+             "z1": {"host": "192.0.2.5", "username": "uz", "password": "pz"},
+             "z2": {"host": "192.0.2.5", "username": "uz2", "password": "pz2"}}
+    r = router(tmp_path, smarthosts=hosts, default="x")
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}")
+    assert r.lookup("sasl", "127.0.0.1", store) is None  # two accounts on that host: ask by [host]:port
+    assert r.lookup("sasl", "[127.0.0.1]:2526", store) == "uy:py"
+    # Two smarthosts at one next hop with two accounts: only a sender-dependent lookup can tell.
+    assert r.smarthosts["z1"].per_sender and r.lookup("sasl", "[192.0.2.5]:25", store) is None
+    assert not r.smarthosts["x"].per_sender
 
 
 def test_bad_map_value_is_a_routing_error(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +62,10 @@ class Relay:
     name: str | None = None  # the smarthost's name when it is a configured one
     credentials: str | None = field(default=None, repr=False)  # "user:password"; None = no AUTH
     label: str | None = None  # the host name a per-message smarthost asked for (host is its address)
+    # Credentials depend on the sender, not only on the host (a sasl_passwd entry keyed by
+    # sender; two smarthosts at one next hop): the transport must look them up by sender,
+    # which makes Postfix give up connection reuse. Otherwise by next hop, reusing connections.
+    per_sender: bool = False
 
     @property
     def nexthop(self) -> str:
@@ -187,6 +191,11 @@ class Router:
         self._by_nexthop: dict[str, list[Relay]] = {}
         for r in self.smarthosts.values():
             self._by_nexthop.setdefault(r.nexthop.lower(), []).append(r)
+        for nexthop, relays in self._by_nexthop.items():
+            if len({r.credentials for r in relays}) > 1:  # one next hop, several accounts
+                for r in relays:
+                    self.smarthosts[r.name or ""] = replace(r, per_sender=True)
+                self._by_nexthop[nexthop] = [self.smarthosts[r.name or ""] for r in relays]
         self.sources: list[Any] = []
         for i, src in enumerate(config.sender_maps):
             if src.inline is not None:
@@ -252,17 +261,19 @@ class Router:
         known = self._by_nexthop.get(probe.nexthop.lower())
         if known:
             return known[0]
-        return Relay(host, port, mx, tls=self.config.tls, credentials=self._sasl(sender, probe.nexthop))
+        credentials, by_sender = self._sasl(sender, probe.nexthop)
+        return Relay(host, port, mx, tls=self.config.tls, credentials=credentials, per_sender=by_sender)
 
-    def _sasl(self, sender: str, nexthop: str) -> str | None:
-        """Credentials from the Postfix sasl_passwd sources: by sender keys, then by next hop."""
-        keys = self.sender_keys(sender) + [nexthop.lower()]
-        for key in keys:
+    def _sasl(self, sender: str, nexthop: str) -> tuple[str | None, bool]:
+        """Credentials from the Postfix sasl_passwd sources (by sender keys, then by next hop),
+        and whether a sender key gave them."""
+        keys = self.sender_keys(sender)
+        for i, key in enumerate([*keys, nexthop.lower()]):
             for src in self.sources:
                 value = src.sasl(key)
                 if value:
-                    return value
-        return None
+                    return value, i < len(keys)
+        return None, False
 
     # -- per message --------------------------------------------------------------------------------
     def _allowing_rule(self, txn: Any) -> tuple[int, PerMessageRule] | None:
@@ -344,7 +355,7 @@ class Router:
         relay = dec.relay
         mq = dec.kind == "per-message"
         if relay is not None:
-            dec.transport = self.transport_name(relay.tls, prio, mq)
+            dec.transport = self.transport_name(relay.tls, prio, mq, relay.per_sender)
             dec.nexthop = relay.nexthop
         elif prio:
             dec.transport = prio  # to the recipient domain's MX, through the priority's transport
@@ -356,12 +367,17 @@ class Router:
             dec.nexthop = self.sink.nexthop
         return dec
 
-    def transport_name(self, tls: str, prio: str | None = None, mq: bool = False) -> str:
+    def transport_name(self, tls: str, prio: str | None = None, mq: bool = False, per_sender: bool = False) -> str:
         base = prio or self.config.transport
-        return f"{base}-mq-{tls}" if mq else f"{base}-{tls}"
+        return f"{base}-mq-{tls}" if mq else f"{base}-sender-{tls}" if per_sender else f"{base}-{tls}"
 
-    def transports(self) -> list[tuple[str, str, str | None]]:
-        """Every transport a decision can name: (name, tls policy or "" for MX delivery, sasl table)."""
+    def _may_be_per_sender(self) -> bool:
+        return any(r.per_sender for r in self.smarthosts.values()) or any(
+            isinstance(s, PostfixSource) and s.sasl_map is not None for s in self.sources)
+
+    def transports(self) -> list[tuple[str, str, str | None, bool]]:
+        """Every transport a decision can name: (name, tls policy or "" for MX delivery, sasl table,
+        sender-dependent authentication)."""
         cfg = self.config
         relay_tls = {r.tls for r in self.smarthosts.values()}
         if cfg.sender_maps or (cfg.default and cfg.default not in self.smarthosts):
@@ -370,15 +386,18 @@ class Router:
         if self.sink is not None:
             relay_tls = {self.sink.tls}
             mq_tls = {self.sink.tls} if mq_tls else set()
-        out: list[tuple[str, str, str | None]] = []
+        per_sender = self.sink is None and self._may_be_per_sender()
+        out: list[tuple[str, str, str | None, bool]] = []
         for prio in [None, *dict.fromkeys(cfg.priority.values())]:
             if prio is not None and self.sink is None:
-                out.append((prio, "", None))
+                out.append((prio, "", None, False))
             for tls in TLS_POLICIES:
                 if tls in relay_tls:
-                    out.append((self.transport_name(tls, prio), tls, "sasl"))
+                    out.append((self.transport_name(tls, prio), tls, "sasl", False))
+                    if per_sender:
+                        out.append((self.transport_name(tls, prio, per_sender=True), tls, "sasl", True))
                 if tls in mq_tls:
-                    out.append((self.transport_name(tls, prio, mq=True), tls, "mqsasl"))
+                    out.append((self.transport_name(tls, prio, mq=True), tls, "mqsasl", True))
         return out
 
     # -- Postfix table lookups (the socketmap front end) ------------------------------------------
@@ -418,16 +437,25 @@ class Router:
                 relay, _, _ = self.resolve(key)
             if relay is None:
                 return None
-            return relay.nexthop if table == "relayhost" else f"{self.transport_name(relay.tls)}:{relay.nexthop}"
+            if table == "relayhost":
+                return relay.nexthop
+            return f"{self.transport_name(relay.tls, per_sender=relay.per_sender)}:{relay.nexthop}"
         raise RoutingError(f"unknown table {table!r} (mjfilter answers {', '.join(TABLES)})")
 
     def _sasl_by_host(self, key: str) -> str | None:
-        """Credentials by next hop ``[host]:port`` (or a bare host name), for mail with a null sender."""
+        """Credentials by next hop ``[host]:port`` (or a bare host name): Postfix asks so on the
+        transports that are not sender-dependent, and for mail with a null sender.
+
+        Only an unambiguous answer: a host name several smarthosts share (on other ports,
+        with other accounts) answers nothing, and Postfix then asks by ``[host]:port``.
+        """
         k = key.lower()
         candidates = self._by_nexthop.get(k) or [r for r in self.smarthosts.values() if r.host.lower() == k]
-        for r in candidates:
-            if r.credentials:
-                return r.credentials
+        found = {r.credentials for r in candidates if r.credentials}
+        if len(found) == 1 and all(r.credentials for r in candidates):
+            return found.pop()
+        if candidates:
+            return None
         for src in self.sources:
             value = src.sasl(k)
             if value:
