@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Self
 
-from rig import LOOPBACK, free_port
+from rig import LOOPBACK, free_port, stop_server
 
 SUFFIX = "dc=example,dc=org"
 ROOT_DN = f"cn=admin,{SUFFIX}"
@@ -245,24 +245,8 @@ class SlapdServer:
         """SIGTERM, wait up to ``timeout``; then SIGKILL to the server's process group."""
         proc, self.proc = self.proc, None
         _LIVE.discard(self)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                try:
-                    # Alive and not reaped, so its process group (its own session) is ours.
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    raise RuntimeError(f"slapd (pid {proc.pid}) survived SIGKILL") from None
+        if proc is not None:
+            stop_server(proc, "slapd", [(signal.SIGTERM, timeout)])
 
     def __enter__(self) -> Self:
         return self.start()

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from rig import LOOPBACK, free_port
+from rig import LOOPBACK, free_port, stop_server
 
 USER = "mj"
 DATABASE = "mail"
@@ -218,27 +218,9 @@ class PostgresServer:
     def stop(self, timeout: float = 15.0) -> None:
         """Fast shutdown; immediate after half of ``timeout``; then SIGKILL to the server's process group."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        steps = [(signal.SIGINT, timeout / 2), (signal.SIGQUIT, timeout / 2), (signal.SIGKILL, 5.0)]
-        for sig, wait in steps:
-            if proc.poll() is not None:
-                break
-            try:
-                if sig == signal.SIGKILL:
-                    # The postmaster is alive and not reaped, so its process group (its own
-                    # session, start_new_session) is surely ours: take its backends too.
-                    os.killpg(proc.pid, sig)
-                else:
-                    os.kill(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        if proc.poll() is None:
-            raise RuntimeError(f"postgres (pid {proc.pid}) survived SIGKILL")
+        if proc is not None:
+            # SIGINT: "fast" shutdown (SIGTERM would wait for pooled clients); SIGQUIT: immediate.
+            stop_server(proc, "postgres", [(signal.SIGINT, timeout / 2), (signal.SIGQUIT, timeout / 2)])
 
     def destroy(self) -> None:
         """Stop the server and remove its cluster directory (the log under ``base`` stays)."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
-from rig import free_port, wait_port
+from rig import free_port, stop_server, wait_port
 
 
 def redis_server_path() -> str | None:
@@ -47,13 +46,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None:
             proc, self.proc = self.proc, None
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_server(proc, "redis-server")
 
     def __enter__(self) -> "RedisServer":
         return self.start()

@@ -131,6 +131,29 @@ def wait_unix(path: str | os.PathLike[str], timeout: float = 15.0) -> None:
         time.sleep(_POLL)
 
 
+def stop_server(proc: subprocess.Popen[bytes], name: str,
+                steps: Sequence[tuple[signal.Signals, float]] = ((signal.SIGTERM, 10.0),)) -> None:
+    """Stop a server started with ``start_new_session=True``: each (signal, seconds) in turn
+    until it exits, then SIGKILL to its whole process group (its own session: surely ours
+    while it is alive and not reaped). Raise if it survives that."""
+    for sig, wait in [*steps, (signal.SIGKILL, 5.0)]:
+        if proc.poll() is not None:
+            return
+        try:
+            if sig == signal.SIGKILL:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    if proc.poll() is None:
+        raise RuntimeError(f"{name} (pid {proc.pid}) survived SIGKILL")
+
+
 def make_traversable(path: str | os.PathLike[str]) -> None:
     """Add o+x to ``path`` and each of its parents, so user ``postfix`` can reach a socket there.
 

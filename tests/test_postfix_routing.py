@@ -269,7 +269,7 @@ def test_a_replayed_credential_token_is_useless(world: World) -> None:
     # Mallory (also allowed to name 127.0.0.1) replays it: the header is dropped before the
     # milter sees it, so the message has no credentials and the AUTH-requiring sink refuses it.
     mark = world.pf.log_mark()
-    code, _ = world.send("mallory@mq.example", [f"x-mq-smarthost-hostname: 127.0.0.1",
+    code, _ = world.send("mallory@mq.example", ["x-mq-smarthost-hostname: 127.0.0.1",
                                                 f"x-mq-smarthost-port: {world.c.port}",
                                                 f"x-mq-smarthost-username-ref: {token}"])
     assert code == 250
