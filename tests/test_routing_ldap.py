@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 from ldap_rig import SUFFIX, SlapdServer
+from lookups import assert_concurrent_lookups
 from rig import LOOPBACK, free_port
 
 from mjfilter.routing.ldap import (
@@ -302,30 +302,7 @@ def test_concurrent_lookups(slapd: SlapdServer, sources: list[LdapSource]) -> No
     s = source(sources, slapd.url, SUFFIX, bind_dn=VMAIL_DN, bind_password=VMAIL_PASSWORD)
     expected: dict[str, str | None] = {f"u{i}@c.example": f"[relay{i}.example]:{1000 + i}" for i in range(40)}
     expected |= {f"nobody{i}@c.example": None for i in range(10)} | {"@a.example": "[relay-a.example]:25"}
-    keys = list(expected)
-    errors: list[BaseException] = []
-    wrong: list[tuple[str, str | None]] = []
-    start = threading.Barrier(8)
-
-    def worker(n: int) -> None:
-        try:
-            start.wait(10)
-            for j in range(60):
-                key = keys[(n * 7 + j) % len(keys)]
-                got = s.lookup(key)
-                if got != expected[key]:
-                    wrong.append((key, got))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads)
-    assert not errors, errors
-    assert not wrong, wrong[:5]
+    assert_concurrent_lookups(s.lookup, expected)
     assert 1 <= len(s._idle) <= 8
 
 

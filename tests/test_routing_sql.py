@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lookups import assert_concurrent_lookups
 from pg_rig import PostgresServer
 from rig import LOOPBACK, free_port
 
@@ -144,30 +144,7 @@ def test_concurrent_lookups(db: Db, sources: list[SqlSource]) -> None:
     db.fill(rows)
     s = source(sources, db.url)
     expected = dict(rows) | {f"nobody{i}@c.example": None for i in range(10)}
-    keys = list(expected)
-    errors: list[BaseException] = []
-    wrong: list[tuple[str, str | None]] = []
-    start = threading.Barrier(8)
-
-    def worker(n: int) -> None:
-        try:
-            start.wait(10)
-            for j in range(60):
-                key = keys[(n * 7 + j) % len(keys)]
-                got = s.lookup(key)
-                if got != expected[key]:
-                    wrong.append((key, got))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads)
-    assert not errors, errors
-    assert not wrong, wrong[:5]
+    assert_concurrent_lookups(s.lookup, expected)
 
 
 def test_close_is_idempotent(db: Db) -> None:

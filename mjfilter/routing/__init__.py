@@ -137,49 +137,39 @@ class PostfixSource:
         return self.sasl_map.get(key) if self.sasl_map else None
 
 
-class LdapSourceAdapter:
-    def __init__(self, cfg: Any, index: int) -> None:
-        from .ldap import LdapSource
+class ExternalSource:
+    """An SQL or LDAP source (``SqlSource``, ``LdapSource``): relay hosts only, and a source
+    that cannot answer is a ``RoutingError`` (451 at receipt, TEMP to Postfix)."""
 
-        self.ldap = LdapSource(cfg.url, cfg.base, cfg.bind_dn, cfg.bind_password, cfg.user_filter,
-                               cfg.domain_filter, cfg.attribute, cfg.timeout)
-        self.describe = f"sender_maps[{index}] {self.ldap.describe()}"
+    def __init__(self, backend: Any, unavailable: type[Exception], index: int) -> None:
+        self.backend = backend
+        self.unavailable = unavailable
+        self.describe = f"sender_maps[{index}] {backend.describe()}"
 
     def relay(self, key: str) -> str | None:
-        from .ldap import LdapUnavailable
-
         try:
-            return self.ldap.lookup(key)
-        except LdapUnavailable as e:
+            return self.backend.lookup(key)  # type: ignore[no-any-return]
+        except self.unavailable as e:
             raise RoutingError(f"{self.describe}: {e}") from None
 
     def sasl(self, key: str) -> str | None:
         return None
 
     def close(self) -> None:
-        self.ldap.close()
+        self.backend.close()
 
 
-class SqlSourceAdapter:
-    def __init__(self, url: str, query: str, timeout: float, index: int) -> None:
-        from .sql import SqlSource
+def sql_source(url: str, query: str, timeout: float, index: int) -> ExternalSource:
+    from .sql import SqlSource, SqlUnavailable
 
-        self.sql = SqlSource(url, query, timeout)
-        self.describe = f"sender_maps[{index}] {self.sql.describe()}"
+    return ExternalSource(SqlSource(url, query, timeout), SqlUnavailable, index)
 
-    def relay(self, key: str) -> str | None:
-        from .sql import SqlUnavailable
 
-        try:
-            return self.sql.lookup(key)
-        except SqlUnavailable as e:
-            raise RoutingError(f"{self.describe}: {e}") from None
+def ldap_source(cfg: Any, index: int) -> ExternalSource:
+    from .ldap import LdapSource, LdapUnavailable
 
-    def sasl(self, key: str) -> str | None:
-        return None
-
-    def close(self) -> None:
-        self.sql.close()
+    return ExternalSource(LdapSource(cfg.url, cfg.base, cfg.bind_dn, cfg.bind_password, cfg.user_filter,
+                                     cfg.domain_filter, cfg.attribute, cfg.timeout), LdapUnavailable, index)
 
 
 # -- the router -------------------------------------------------------------------------------
@@ -207,9 +197,9 @@ class Router:
                 url = src.sql.url
                 if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
                     url = f"sqlite:///{base / url[len('sqlite:///'):]}"  # relative to the config file
-                self.sources.append(SqlSourceAdapter(url, src.sql.query, src.sql.timeout, i))
+                self.sources.append(sql_source(url, src.sql.query, src.sql.timeout, i))
             elif src.ldap is not None:
-                self.sources.append(LdapSourceAdapter(src.ldap, i))
+                self.sources.append(ldap_source(src.ldap, i))
         self.default = self._value_relay(config.default, "") if config.default else None
         s = config.sink
         self.sink = Relay(s.host, s.port, tls=s.tls, name="sink",
@@ -406,8 +396,7 @@ class Router:
         if table == "credential":
             return not key[:9].lower().startswith("received")  # a Received line only resets state
         if table in ("sasl", "relayhost", "transport"):
-            return self.sink is None and any(isinstance(s, (SqlSourceAdapter, LdapSourceAdapter))
-                                             for s in self.sources)
+            return self.sink is None and any(isinstance(s, ExternalSource) for s in self.sources)
         return True
 
     def lookup(self, table: str, key: str, store: Any) -> str | None:
